@@ -1,0 +1,95 @@
+"""Command line: python -m pretrain_jax VERB --gin_file=F [--gin.NAME=VALUE ...] [flags].
+
+Verbs: train, eval, show-data. Bad input ends in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+VERBS = ("train", "eval", "show-data")
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+
+
+def _parse(argv):
+  parser = argparse.ArgumentParser(prog="pretrain-jax", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("verb", choices=VERBS)
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file (repeatable); relative paths also resolve in gin_configs/")
+  parser.add_argument("--model_dir", help="checkpoints, metrics.jsonl, TensorBoard, config.gin")
+  parser.add_argument("--task", help="show-data: task or mixture name")
+  parser.add_argument("--split", default="train")
+  parser.add_argument("--num", type=int, default=3, help="show-data: examples to print")
+  parser.add_argument("--sequence_length", type=int, default=None,
+                      help="show-data: length (default: train.sequence_length or 128)")
+  parser.add_argument("--json", action="store_true", help="show-data: one JSON object a line")
+  parser.add_argument("--list", action="store_true", help="show-data: list tasks and mixtures")
+  parser.add_argument("--no_progress", action="store_true", help="train: no progress bar")
+  args, rest = parser.parse_known_args(argv)
+  bindings = []
+  for arg in rest:
+    if arg.startswith("--gin.") and "=" in arg:
+      bindings.append(arg[len("--gin."):])
+    else:
+      parser.error(f"unrecognized argument {arg!r} (gin bindings are --gin.NAME=VALUE)")
+  return args, bindings
+
+
+def _configure(gin_files, bindings):
+  import gin
+  from pretrain_jax import registry  # noqa: F401  (registers configurables and tasks)
+  from pretrain_jax.errors import UserError
+  gin.add_config_file_search_path(GIN_DIR)
+  resolved = []
+  for f in gin_files:
+    path = f if os.path.exists(f) else os.path.join(GIN_DIR, f)
+    if not os.path.exists(path):
+      raise UserError(f"--gin_file={f}: no such file (looked here and in {GIN_DIR})")
+    resolved.append(path)
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.CRITICAL)  # gin logs every search-path miss of an include as an error
+  try:
+    gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+  except (ValueError, KeyError, SyntaxError, IOError) as e:
+    message = " ".join(str(e).split("\n")[0].split())
+    raise UserError(f"gin: {message}") from None
+  finally:
+    root.setLevel(level)
+
+
+def main(argv=None) -> int:
+  args, bindings = _parse(sys.argv[1:] if argv is None else argv)
+  from pretrain_jax.errors import UserError
+  try:
+    _configure(args.gin_file, bindings)
+    if args.verb == "train":
+      from pretrain_jax.training import trainer
+      if not args.model_dir:
+        raise UserError("train needs --model_dir")
+      trainer.train(args.model_dir, progress=not args.no_progress)
+    elif args.verb == "eval":
+      from pretrain_jax.training import trainer
+      if not args.model_dir:
+        raise UserError("eval needs --model_dir (a directory holding checkpoints)")
+      import json
+      print(json.dumps(trainer.evaluate_checkpoint(args.model_dir, args.split)))
+    elif args.verb == "show-data":
+      from pretrain_jax.data import show
+      show.main(task=args.task, split=args.split, num=args.num, as_json=args.json,
+                list_tasks=args.list, sequence_length=args.sequence_length)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,84 @@
+"""SeqIO task registrations: the bundled BBC News corpus and the user's own text files.
+
+Importing this module registers:
+  bbc_bert       BERT: sentence pairs with NSP, 15 % token masking (80/10/10)
+  bbc_bert_wwm   BERT with whole-word masking
+  bbc_roberta    RoBERTa: FULL-SENTENCES packing, no NSP, dynamic masking
+  bbc_spanbert   SpanBERT: FULL-SENTENCES, no NSP, geometric span masking (p = 0.2, max 10)
+Masks are drawn per epoch (the trainer passes seed + epoch), so every task masks dynamically.
+Users' text: `local_text_task(pattern=..., separator=..., objective=...)`, selected from gin.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import gin
+import seqio
+import tensorflow as tf
+
+from pretrain_jax.data import corpora, vocabularies
+from pretrain_jax.errors import UserError
+from pretrain_jax.objectives import masked_lm
+
+MLM_OBJECTIVES = {
+    # name: (segment construction, masking unit)
+    "bert": (masked_lm.next_sentence_pairs, "token"),
+    "bert_wwm": (masked_lm.next_sentence_pairs, "whole_word"),
+    "roberta": (masked_lm.full_sentences, "token"),
+    "spanbert": (masked_lm.full_sentences, "span"),
+}
+
+
+def _texts_source(texts_of_split, num_examples: dict[str, int]) -> seqio.DataSource:
+  """A SeqIO source of {"text"} documents; shuffled per seed when the trainer asks."""
+  def dataset_fn(split, shuffle_files, seed=None):
+    texts = texts_of_split(split)
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(texts, tf.string))
+    if shuffle_files:  # documents of one topic sit together: shuffle them all, not a window
+      ds = ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=False)
+    return ds.map(lambda t: {"text": t})
+  return seqio.FunctionDataSource(dataset_fn, splits=tuple(num_examples),
+                                  num_input_examples=num_examples)
+
+
+def _mlm_task(name: str, source: seqio.DataSource, objective: str, vocabulary) -> seqio.Task:
+  make_segments, unit = MLM_OBJECTIVES[objective]
+  feature = seqio.Feature(vocabulary, add_eos=False, required=False)
+  return seqio.TaskRegistry.add(
+      name, source=source,
+      preprocessors=[masked_lm.tokenize_sentences, make_segments,
+                     functools.partial(masked_lm.mask_tokens, unit=unit)],
+      output_features={"inputs": feature, "targets": feature})
+
+
+def _bbc_texts(split):
+  return [a["text"] for a in corpora.bbc_articles(split)]
+
+
+def register_bbc_tasks() -> None:
+  counts = {s: len(corpora.bbc_articles(s)) for s in corpora.SPLITS}
+  source = _texts_source(_bbc_texts, counts)
+  for objective in MLM_OBJECTIVES:
+    if f"bbc_{objective}" not in seqio.TaskRegistry.names():
+      _mlm_task(f"bbc_{objective}", source, objective, vocabularies.bbc_wordpiece())
+
+
+@gin.configurable
+def local_text_task(pattern: str = gin.REQUIRED, separator: str = "file",
+                    objective: str = "bert", vocabulary=None, name: str = "local_text") -> str:
+  """Registers a masked-LM task over the user's files and returns its name (for gin:
+  `train.task = @local_text_task()`). Documents get the same fixed 90/5/5 split as BBC."""
+  if objective not in MLM_OBJECTIVES:
+    raise UserError(f"local_text_task.objective={objective!r}; valid: {sorted(MLM_OBJECTIVES)}")
+  documents = corpora.read_local_documents(pattern, separator)
+  by_split = {s: corpora.split_documents(documents, s) for s in corpora.SPLITS}
+  task_name = f"{name}_{objective}"
+  seqio.TaskRegistry.remove(task_name)
+  _mlm_task(task_name, _texts_source(by_split.__getitem__,
+                                     {s: len(d) for s, d in by_split.items()}),
+            objective, vocabulary or vocabularies.bbc_wordpiece())
+  return task_name
+
+
+register_bbc_tasks()

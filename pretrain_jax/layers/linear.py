@@ -1,0 +1,54 @@
+"""Dense projections and embeddings whose parameters carry logical axis names."""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def normal(stddev: float):
+  return nnx.initializers.truncated_normal(stddev=stddev)
+
+
+class Dense(nnx.LinearGeneral):
+  """`nnx.LinearGeneral` with logical axes: `axes` names the kernel's (in..., out...) dims.
+
+  Multi-dimensional in/out features keep heads as their own axis (`embed -> heads x kv`), so
+  the tensor-parallel rule can split heads without reshapes.
+  """
+
+  def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int],
+               axes: Sequence[str | None], *, use_bias: bool = True, init_std: float = 0.02,
+               dtype=None, param_dtype=jnp.float32, dot_general=jax.lax.dot_general,
+               rngs: nnx.Rngs):
+    in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
+    out_features = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+    axes = tuple(axes)
+    assert len(axes) == len(in_features) + len(out_features), (axes, in_features, out_features)
+    super().__init__(
+        in_features, out_features, axis=tuple(range(-len(in_features), 0)),
+        use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(normal(init_std), axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[len(in_features):]),
+        dot_general=dot_general, rngs=rngs)
+
+
+class Embed(nnx.Embed):
+  """Token/position embedding table with logical axes (`vocab`|`position`, `embed`)."""
+
+  def __init__(self, num_embeddings: int, features: int, axes=("vocab", "embed"), *,
+               init_std: float = 0.02, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=nnx.with_partitioning(normal(init_std), axes), rngs=rngs)
+
+
+class LayerNorm(nnx.LayerNorm):
+  """LayerNorm whose scale and bias follow the `embed` axis."""
+
+  def __init__(self, features: int, *, epsilon: float = 1e-6, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                     scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
+                     bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)),
+                     rngs=rngs)

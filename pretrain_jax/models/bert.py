@@ -1,0 +1,152 @@
+"""BERT (Devlin et al. 2018): a post-LN Transformer encoder with MLM and NSP heads.
+
+    h⁰ = LN(E_tok[x] + E_pos[i] + E_type[s])
+    a  = LN(hˡ + Dropout(MHA(hˡ)))
+    hˡ⁺¹ = LN(a + Dropout(W₂ GELU(W₁ a)))
+    MLM:  softmax(LN(GELU(W h)) E_tokᵀ + b)     (output tied to the input embeddings)
+    NSP:  softmax(W_nsp tanh(W_pool h_[CLS]))
+
+RoBERTa and SpanBERT are the same network trained differently (objectives/masked_lm.py).
+"""
+
+import dataclasses
+import functools
+import math
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pretrain_jax.errors import UserError
+from pretrain_jax.layers.attention import MultiHeadAttention, padding_mask
+from pretrain_jax.layers.linear import Dense, Embed, LayerNorm
+from pretrain_jax.layers.mlp import Mlp
+from pretrain_jax.training.partitioning import constrain
+
+gelu = functools.partial(jax.nn.gelu, approximate=False)  # BERT uses the exact erf GELU
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  vocab_size: int = 30522
+  hidden: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  max_positions: int = 512
+  type_vocab_size: int = 2
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
+  remat: bool = False  # recompute each layer's activations in the backward pass
+
+
+class BertLayer(nnx.Module):
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    common = dict(init_std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
+    self.attention = MultiHeadAttention(cfg.hidden, cfg.num_heads,
+                                        dropout_rate=cfg.attention_dropout_rate, **common)
+    self.attention_norm = LayerNorm(cfg.hidden, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                                    rngs=rngs)
+    self.mlp = Mlp(cfg.hidden, cfg.mlp_dim, gelu, **common)
+    self.mlp_norm = LayerNorm(cfg.hidden, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                              rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout_rate)
+
+  def __call__(self, h_BLD, mask_B1LL, rngs=None):
+    det = rngs is None
+    a_BLD = self.attention_norm(
+        h_BLD + self.dropout(self.attention(h_BLD, mask_B1LL, rngs=rngs), rngs=rngs,
+                             deterministic=det))
+    h_BLD = self.mlp_norm(a_BLD + self.dropout(self.mlp(a_BLD), rngs=rngs, deterministic=det))
+    return constrain(h_BLD, ("batch", "length", "act_embed"))
+
+
+class BertEncoder(nnx.Module):
+  """Embeddings and the layer stack: `BertModel` without the pooler."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    common = dict(init_std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
+    self.token_embed = Embed(cfg.vocab_size, cfg.hidden, ("vocab", "embed"), **common)
+    self.position_embed = Embed(cfg.max_positions, cfg.hidden, ("position", "embed"), **common)
+    self.type_embed = Embed(cfg.type_vocab_size, cfg.hidden, ("token_type", "embed"), **common)
+    self.embed_norm = LayerNorm(cfg.hidden, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                                rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout_rate)
+    self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+
+  def __call__(self, input_ids_BL, segment_ids_BL, *, pad_id: int = 0, rngs=None):
+    length = input_ids_BL.shape[1]
+    if length > self.cfg.max_positions:
+      raise UserError(f"sequence length {length} exceeds the model's max_positions="
+                      f"{self.cfg.max_positions}: shorten the sequence or raise "
+                      "BertConfig.max_positions")
+    h_BLD = (self.token_embed(input_ids_BL) + self.position_embed(jnp.arange(length))[None]
+             + self.type_embed(segment_ids_BL))
+    h_BLD = self.dropout(self.embed_norm(h_BLD), rngs=rngs, deterministic=rngs is None)
+    h_BLD = constrain(h_BLD, ("batch", "length", "act_embed"))
+    mask_B1LL = padding_mask(input_ids_BL != pad_id)
+    for layer in self.layers:
+      if self.cfg.remat:
+        h_BLD = nnx.remat(lambda lyr, h, m, r: lyr(h, m, r))(layer, h_BLD, mask_B1LL, rngs)
+      else:
+        h_BLD = layer(h_BLD, mask_B1LL, rngs)
+    return h_BLD
+
+
+class BertForPretraining(nnx.Module):
+  """Encoder + pooler + the two pretraining heads."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    common = dict(init_std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
+    self.encoder = BertEncoder(cfg, rngs=rngs)
+    self.pooler = Dense(cfg.hidden, cfg.hidden, ("embed", "mlp"), **common)
+    self.mlm_transform = Dense(cfg.hidden, cfg.hidden, ("embed", "mlp"), **common)
+    self.mlm_norm = LayerNorm(cfg.hidden, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                              rngs=rngs)
+    self.mlm_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("vocab",))(
+        rngs.params(), (cfg.vocab_size,), jnp.float32))
+    self.nsp = Dense(cfg.hidden, 2, ("mlp", None), **common)
+
+  def encode(self, inputs_BL, segment_ids_BL, rngs=None):
+    return self.encoder(inputs_BL, segment_ids_BL, rngs=rngs)
+
+  def mlm_logits(self, h_BPD):
+    """Vocabulary logits for the gathered (masked) positions only: P ≪ L saves most FLOPs."""
+    t_BPD = self.mlm_norm(gelu(self.mlm_transform(h_BPD)))
+    logits_BPV = self.encoder.token_embed.attend(t_BPD) + self.mlm_bias[...]
+    return constrain(logits_BPV, ("batch", "length", "act_vocab"))
+
+  def train_flops_per_token(self, seq_len: int) -> float:
+    return flops_per_token(self.cfg, seq_len, predictions=math.ceil(0.15 * seq_len))
+
+  def nsp_logits(self, h_BLD):
+    pooled_BD = jnp.tanh(self.pooler(h_BLD[:, 0]))
+    return self.nsp(pooled_BD)
+
+
+@gin.configurable
+def bert_for_pretraining(cfg: BertConfig = gin.REQUIRED, *, seed: int = 0) -> BertForPretraining:
+  return BertForPretraining(cfg, rngs=nnx.Rngs(seed))
+
+
+def encoder_param_count(cfg: BertConfig) -> int:
+  """Parameters of `BertModel` as the paper counts them: embeddings, layers and pooler."""
+  d, f, l = cfg.hidden, cfg.mlp_dim, cfg.num_layers
+  embeddings = (cfg.vocab_size + cfg.max_positions + cfg.type_vocab_size) * d + 2 * d
+  layer = 4 * (d * d + d) + 2 * d + (d * f + f) + (f * d + d) + 2 * d
+  return embeddings + l * layer + d * d + d
+
+
+def flops_per_token(cfg: BertConfig, seq_len: int, predictions: int) -> float:
+  """Training FLOPs per input token (6 × matmul MACs per token, attention included)."""
+  d, f, l = cfg.hidden, cfg.mlp_dim, cfg.num_layers
+  layer_macs = 4 * d * d + 2 * d * f + 2 * seq_len * d  # projections, MLP, QKᵀ and AV
+  head_macs = (predictions / seq_len) * (d * d + d * cfg.vocab_size)  # only gathered positions
+  return 6.0 * (l * layer_macs + head_macs + d * d / seq_len)

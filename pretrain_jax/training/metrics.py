@@ -1,0 +1,67 @@
+"""Metrics: (numerator, denominator) sums reduced per window, to metrics.jsonl and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+# Peak dense bf16 FLOP/s per chip by jax device_kind prefix, for MFU.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU v3": 123e12,
+    "TPU v2": 45e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  kind = device.device_kind
+  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return PEAK_FLOPS[prefix]
+  return None
+
+
+def reduce(metric_sums: list[dict]) -> dict[str, float]:
+  """Sums numerators and denominators over steps, then divides: exact means over tokens."""
+  host = jax.device_get(metric_sums)
+  out = {}
+  for name in host[0]:
+    num = sum(float(m[name][0]) for m in host)
+    den = sum(float(m[name][1]) for m in host)
+    out[name] = num / den if den else float("nan")
+  return out
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard."""
+
+  def __init__(self, model_dir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(model_dir, "metrics.jsonl")
+    self._tb = {}
+    self._model_dir = model_dir
+
+  def write(self, step: int, split: str, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split,
+              **{k: (None if v is None or not np.isfinite(v) else float(v))
+                 for k, v in values.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    import tensorflow as tf  # the TensorBoard writer; imported late to keep start-up light
+    if split not in self._tb:
+      self._tb[split] = tf.summary.create_file_writer(os.path.join(self._model_dir, "tb", split))
+    with self._tb[split].as_default(step=int(step)):
+      for k, v in values.items():
+        if v is not None and np.isfinite(v):
+          tf.summary.scalar(k, v)
+    self._tb[split].flush()
+
+
+def read(model_dir: str) -> list[dict]:
+  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,41 @@
+"""Optimizers and schedules by gin: BERT's AdamW recipe, LAMB as an option."""
+
+import gin
+import jax
+import optax
+
+from pretrain_jax.errors import UserError
+
+
+@gin.configurable
+def warmup_linear_decay(num_steps: int, learning_rate: float = 1e-4, warmup_steps: int = 10_000,
+                        decay_steps: int | None = None) -> optax.Schedule:
+  """BERT: linear warmup to the peak, then linear decay to zero at the end of training."""
+  decay_steps = decay_steps or num_steps
+  warmup_steps = min(warmup_steps, max(decay_steps - 1, 0))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, warmup_steps),
+       optax.linear_schedule(learning_rate, 0.0, max(decay_steps - warmup_steps, 1))],
+      boundaries=[warmup_steps])
+
+
+def decay_mask(params):
+  """Weight decay on matrices only: BERT excludes LayerNorm parameters and biases (all 1-D)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+@gin.configurable
+def make_optimizer(num_steps: int, name: str = "adamw", schedule=warmup_linear_decay,
+                   weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-6, clip_norm: float | None = 1.0):
+  """Returns (optax transformation, schedule). Clipping by global norm comes first, as in BERT."""
+  lr = schedule(num_steps)
+  if name == "adamw":
+    tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+  elif name == "lamb":
+    tx = optax.lamb(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+  else:
+    raise UserError(f"make_optimizer.name={name!r}; valid: 'adamw', 'lamb'")
+  if clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+  return tx, lr

@@ -1,0 +1,149 @@
+"""Device mesh and logical-axis partitioning (what t5x called pjit).
+
+Every parameter carries logical axis names (`('embed', 'mlp')`), set where the layer is
+defined with `nnx.with_partitioning`. A gin-configurable rule table maps logical names to mesh
+axes; `jax.jit` with the resulting `NamedSharding`s is pjit. Models never name mesh axes, so
+one model runs on one CPU, on 8 fake devices, or on a pod by changing only the rules and mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import gin
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from pretrain_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+# Parameters: vocab, embed, mlp, heads, kv, position, token_type, expert.
+# Activations: batch, length, act_embed, act_mlp, act_heads, act_kv, act_vocab.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("position", None),
+    ("token_type", None),
+    ("expert", "expert"),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_vocab", "tensor"),
+)
+
+
+@gin.configurable
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over all devices with axes (data, fsdp, tensor, expert); one size may be -1."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
+  free = [name for name, size in sizes.items() if size == -1]
+  if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+    raise UserError(f"mesh sizes {sizes}: each must be a positive integer, at most one -1 "
+                    "(meaning: the remaining devices)")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if len(devices) % fixed:
+      raise UserError(f"mesh sizes {sizes}: the fixed axes multiply to {fixed}, which does not "
+                      f"divide the {len(devices)} devices")
+    sizes[free[0]] = len(devices) // fixed
+  if math.prod(sizes.values()) != len(devices):
+    raise UserError(f"mesh sizes {sizes} multiply to {math.prod(sizes.values())}, but there are "
+                    f"{len(devices)} devices: make the product {len(devices)} (or set one "
+                    "axis to -1)")
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@gin.configurable
+def logical_axis_rules(rules=DEFAULT_RULES, overrides=()) -> dict:
+  """The logical -> mesh table; `overrides` (pairs) replace single entries from gin."""
+  table = dict(rules)
+  table.update(dict(overrides))
+  return table
+
+
+def logical_to_spec(names: Sequence[str | None], rules: dict) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec; unknown names are an error, not replication."""
+  unknown = [n for n in names if n is not None and n not in rules]
+  if unknown:
+    raise UserError(f"logical axis {unknown[0]!r} has no rule in logical_axis_rules "
+                    f"(known: {sorted(rules)})")
+  spec, used = [], set()
+  for name in names:
+    axes = rules.get(name) if name is not None else None
+    # A mesh axis may shard only one dimension of an array: later uses are replicated.
+    axes_tuple = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ()))
+                       if a not in used)
+    used.update(axes_tuple)
+    spec.append(axes_tuple[0] if len(axes_tuple) == 1 else (axes_tuple or None))
+  return PartitionSpec(*spec)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh, rules: dict):
+  """NamedShardings for a tree of nnx Variables (params, optimizer moments, ...).
+
+  Leaves carrying `out_sharding` metadata are sharded by their logical names; every other
+  array (step counters, scalars) is replicated.
+  """
+  def one(x):
+    names = x.get_metadata().get("out_sharding") if isinstance(x, nnx.Variable) else None
+    spec = logical_to_spec(names, rules) if names else PartitionSpec()
+    sharding = NamedSharding(mesh, spec)
+    return x.replace(sharding) if isinstance(x, nnx.Variable) else sharding
+  return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batches are split over data x fsdp along their first dimension."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+# Activation constraints ----------------------------------------------------------------------
+
+_ACTIVE_RULES: list[dict] = []
+
+
+@contextlib.contextmanager
+def activation_rules(rules: dict):
+  """Within this context (entered while tracing), `constrain` applies `rules`."""
+  _ACTIVE_RULES.append(rules)
+  try:
+    yield
+  finally:
+    _ACTIVE_RULES.pop()
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Annotates an activation with logical axes; a no-op outside `activation_rules`."""
+  if not _ACTIVE_RULES:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, _ACTIVE_RULES[-1]))
+
+
+def describe(tree) -> str:
+  """One line per array: path, global shape, spec and the shape of one device's shard."""
+  lines = []
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if hasattr(x, "sharding") and hasattr(x, "addressable_shards"):
+      spec = getattr(x.sharding, "spec", "")
+      lines.append(f"{jax.tree_util.keystr(path):60s} {str(x.shape):18s} {str(spec):28s} "
+                   f"shard {x.addressable_shards[0].data.shape}")
+  return "\n".join(lines)

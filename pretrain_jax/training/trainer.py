@@ -1,0 +1,256 @@
+"""One jitted, sharded train step for any model and loss; the loop around it.
+
+The trainer knows neither the family nor the objective: gin hands it a model factory, a loss
+`loss_fn(model, batch, rngs) -> (loss, {name: (numerator, denominator)})`, a SeqIO task and its
+feature converter. State is a plain pytree {step, params, opt_state} whose every leaf is
+sharded by the logical axes its parameter was declared with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from pretrain_jax.data import pipeline
+from pretrain_jax.errors import UserError
+from pretrain_jax.training import checkpoints, metrics as metrics_lib, optimizers, partitioning
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+def _split_params(model: nnx.Module):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(f"model holds non-parameter state the trainer would drop: {rest}")
+  return graphdef, params
+
+
+class Setup:
+  """Mesh, model graph, optimizer, shardings and the jitted step/eval functions."""
+
+  def __init__(self, model_factory: Callable[[], nnx.Module], loss_fn, num_steps: int,
+               num_microbatches: int = 1, seed: int = 0):
+    self.mesh = partitioning.make_mesh()
+    self.rules = partitioning.logical_axis_rules()
+    self.loss_fn, self.num_microbatches = loss_fn, num_microbatches
+    self.tx, self.schedule = optimizers.make_optimizer(num_steps)
+    abstract_model = nnx.eval_shape(model_factory)
+    self.graphdef, _ = _split_params(abstract_model)
+    self.flops_per_token = getattr(abstract_model, "train_flops_per_token", None)
+
+    def init() -> TrainState:
+      _, params = _split_params(model_factory())
+      return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+    self.abstract_state = jax.eval_shape(init)
+    self.shardings = partitioning.tree_shardings(self.abstract_state, self.mesh, self.rules)
+    self._init = jax.jit(init, out_shardings=self.shardings)
+    self.dropout_key = jax.random.key(seed + 1)
+    self._step = jax.jit(self._train_step, out_shardings=(self.shardings, None),
+                         donate_argnums=0)
+    self._eval = jax.jit(self._eval_step)
+
+  @contextlib.contextmanager
+  def context(self):
+    """Mesh and activation rules active while tracing."""
+    with jax.set_mesh(self.mesh), partitioning.activation_rules(self.rules):
+      yield
+
+  def init_state(self) -> TrainState:
+    with self.context():
+      return self._init()
+
+  def abstract_with_shardings(self):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.shardings)
+
+  def batch_to_device(self, batch):
+    return pipeline.to_global(batch, lambda ndim: partitioning.batch_sharding(self.mesh, ndim))
+
+  def _loss(self, params, batch, key):
+    model = nnx.merge(self.graphdef, params)
+    return self.loss_fn(model, batch, rngs=nnx.Rngs(dropout=key))
+
+  def _train_step(self, state: TrainState, batch):
+    key = jax.random.fold_in(self.dropout_key, state.step)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    if self.num_microbatches == 1:
+      (_, metrics), grads = grad_fn(state.params, batch, key)
+    else:
+      micro = jax.tree.map(
+          lambda x: x.reshape(self.num_microbatches, -1, *x.shape[1:]), batch)
+
+      def accumulate(carry, inputs):
+        i, mb = inputs
+        (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      zeros = jax.eval_shape(lambda: grad_fn(
+          state.params, jax.tree.map(lambda x: x[0], micro), key))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+      (grads, metrics), _ = jax.lax.scan(
+          accumulate, zeros, (jnp.arange(self.num_microbatches), micro))
+      grads = jax.tree.map(lambda g: g / self.num_microbatches, grads)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "grad_norm": (optax.global_norm(grads), jnp.float32(1.0)),
+               "learning_rate": (jnp.asarray(self.schedule(state.step), jnp.float32),
+                                 jnp.float32(1.0))}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  def _eval_step(self, params, batch):
+    return self.loss_fn(nnx.merge(self.graphdef, params), batch, rngs=None)[1]
+
+  def train_step(self, state, batch):
+    with self.context():
+      return self._step(state, self.batch_to_device(batch))
+
+  def evaluate(self, state, batches) -> dict[str, float]:
+    with self.context():
+      return metrics_lib.reduce([self._eval(state.params, self.batch_to_device(b))
+                                 for b in batches])
+
+
+def _stages(sequence_length: int | None, num_steps: int | None,
+            stages: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
+  """[(num_steps, sequence_length), ...]: BERT trains 90 % of steps at 128, then 10 % at 512."""
+  if stages:
+    return [(int(n), int(length)) for n, length in stages]
+  if not (sequence_length and num_steps):
+    raise UserError("set train.num_steps and train.sequence_length (or train.stages)")
+  return [(num_steps, sequence_length)]
+
+
+@gin.configurable(denylist=["model_dir"])
+def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
+          loss_fn=gin.REQUIRED, feature_converter=gin.REQUIRED, batch_size: int = 32,
+          num_steps: int | None = None, sequence_length: int | None = None,
+          stages: Sequence[tuple[int, int]] | None = None, num_microbatches: int = 1,
+          log_every: int = 50, eval_every: int = 500, eval_batches: int = 10,
+          eval_split: str = "validation", checkpoint_every: int = 1000,
+          keep_checkpoints: int = 3, seed: int = 0, progress: bool = True) -> dict:
+  """Trains `model` on `task` into `model_dir` (resuming from its latest checkpoint).
+
+  Returns the last logged train and eval metrics.
+  """
+  stage_list = _stages(sequence_length, num_steps, stages)
+  total_steps = sum(n for n, _ in stage_list)
+  if batch_size % num_microbatches:
+    raise UserError(f"batch_size {batch_size} is not divisible by num_microbatches "
+                    f"{num_microbatches}")
+  os.makedirs(model_dir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.config_str())
+
+  setup = Setup(model, loss_fn, total_steps, num_microbatches, seed)
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint_every,
+                                  keep_checkpoints)
+  restored = ckpt.restore(setup.abstract_with_shardings())
+  if restored:
+    state, position = restored
+    print(f"Resuming from step {int(state.step)} in {model_dir}")
+  else:
+    state, position = setup.init_state(), {"stage": 0, "epoch": 0, "batch": 0}
+  writer = metrics_lib.MetricsWriter(model_dir, enabled=jax.process_index() == 0)
+  peak = metrics_lib.peak_flops(jax.devices()[0])
+  step = int(state.step)
+  last = {}
+  bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step",
+             dynamic_ncols=True)
+  try:
+    stage_start = 0
+    for stage_index, (stage_steps, length) in enumerate(stage_list):
+      stage_end = stage_start + stage_steps
+      if step >= stage_end:
+        stage_start = stage_end
+        continue
+      lengths = {"inputs": length, "targets": length}
+      start = position if position.get("stage", 0) == stage_index else None
+      data = pipeline.TrainBatches(task, lengths, feature_converter, batch_size, seed,
+                                   position=start and {"epoch": start["epoch"],
+                                                       "batch": start["batch"]})
+      held_out = (pipeline.eval_batches(task, lengths, feature_converter, batch_size,
+                                        eval_batches, eval_split) if eval_every else [])
+      window, t0, tokens = [], time.perf_counter(), 0
+      while step < stage_end:
+        state, step_metrics = setup.train_step(state, next(data))
+        step += 1
+        window.append(step_metrics)
+        tokens += batch_size * length
+        if step % log_every == 0 or step == stage_end:
+          values = metrics_lib.reduce(window)
+          if not np.isfinite(values["loss"]):
+            raise UserError(
+                f"loss is {values['loss']} at step {step}; stopping without saving this "
+                f"state (last checkpoint: step {ckpt.latest_step()}). Lower the learning "
+                "rate or check the data")
+          elapsed = time.perf_counter() - t0
+          values["tokens_per_sec"] = tokens / elapsed
+          if peak and setup.flops_per_token:
+            values["mfu"] = (values["tokens_per_sec"] * setup.flops_per_token(length)
+                             / (peak * jax.device_count()))
+          writer.write(step, "train", values)
+          last["train"] = values
+          bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}",
+                          **({"mfu": f"{values['mfu']:.1%}"} if "mfu" in values else {}))
+          window, t0, tokens = [], time.perf_counter(), 0
+        bar.update(1)
+        if held_out and (step % eval_every == 0 or step == total_steps):
+          last["eval"] = setup.evaluate(state, held_out)
+          writer.write(step, eval_split, last["eval"])
+        ckpt.save(step, state, {"stage": stage_index, **data.position},
+                  force=step == total_steps)
+      stage_start = stage_end
+      position = {"stage": stage_index + 1, "epoch": 0, "batch": 0}
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+  return last
+
+
+def evaluate_checkpoint(model_dir: str, split: str = "validation") -> dict:
+  """Evaluates the latest checkpoint in `model_dir` with the train bindings of the gin config."""
+  q = lambda name, default=None: _query(f"train.{name}", default)
+  stage_list = _stages(q("sequence_length"), q("num_steps"), q("stages"))
+  setup = Setup(q("model"), q("loss_fn"), sum(n for n, _ in stage_list),
+                seed=q("seed", 0))
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), 1)
+  restored = ckpt.restore(setup.abstract_with_shardings())
+  ckpt.close()
+  if restored is None:
+    raise UserError(f"no checkpoint in {model_dir}/checkpoints")
+  state, _ = restored
+  length = stage_list[-1][1]
+  batches = pipeline.eval_batches(q("task"), {"inputs": length, "targets": length},
+                                  q("feature_converter"), q("batch_size", 32),
+                                  q("eval_batches", 10), split)
+  return {"step": int(state.step), "split": split, **setup.evaluate(state, batches)}
+
+
+def _query(name: str, default=None):
+  try:
+    value = gin.query_parameter(name)
+  except ValueError:
+    return default
+  if isinstance(value, gin.config.ConfigurableReference):
+    value = value.scoped_configurable_fn if not value.evaluate else value.scoped_configurable_fn()
+  return value
