@@ -83,7 +83,7 @@ def main(argv=None) -> int:
       show.main(task=args.task, split=args.split, num=args.num, as_json=args.json,
                 list_tasks=args.list, sequence_length=args.sequence_length)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # gin appends a context line
     return 2
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)

@@ -7,9 +7,12 @@ and sees exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import seqio
+import tensorflow as tf
 
 from pretrain_jax.errors import UserError
 
@@ -23,6 +26,14 @@ def _dataset(task: str, feature_lengths: dict, converter, split: str, seed: int 
   return seqio.get_dataset(task, feature_lengths, converter, dataset_split=split,
                            shuffle=shuffle, num_epochs=1, shard_info=shard, seed=seed,
                            verbose=False)
+
+
+def _host_options() -> tf.data.Options:
+  """Keep tf.data to a small thread pool: it shares the host's cores with the XLA step."""
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = max(1, (os.cpu_count() or 2) // 4)
+  options.threading.max_intra_op_parallelism = 1
+  return options
 
 
 def host_batch_size(global_batch: int) -> int:
@@ -47,7 +58,7 @@ class TrainBatches:
     ds = _dataset(self.task, self.feature_lengths, self.converter, self.split,
                   self.seed + self.position["epoch"], shuffle=True)
     ds = ds.batch(self.batch_size, drop_remainder=True).skip(skip).prefetch(2)
-    return ds.as_numpy_iterator()
+    return ds.with_options(_host_options()).as_numpy_iterator()
 
   def __iter__(self):
     return self

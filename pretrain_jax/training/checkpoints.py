@@ -30,7 +30,9 @@ class Checkpointer:
   def __init__(self, directory: str, every: int, keep: int = 3):
     self.directory = directory
     self.manager = ocp.CheckpointManager(
-        directory, item_names=("state", "data"),
+        directory,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                              enable_async_checkpointing=True))
 
@@ -54,7 +56,7 @@ class Checkpointer:
   def _check_compatible(self, step: int, abstract_state) -> None:
     saved = _shapes_by_path(self.manager.item_metadata(step)["state"])
     wanted = _shapes_by_path(abstract_state)
-    for path in sorted(set(saved) | set(wanted)):
+    for path in sorted(set(saved) | set(wanted), key=lambda p: (not p.startswith("params"), p)):
       if saved.get(path) != wanted.get(path):
         have = saved.get(path, "nothing")
         want = wanted.get(path, "nothing")

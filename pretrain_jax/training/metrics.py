@@ -44,6 +44,13 @@ class MetricsWriter:
     self._tb = {}
     self._model_dir = model_dir
 
+  def truncate_after(self, step: int) -> None:
+    """On resume: drop records of steps past the checkpoint; they are about to be redone."""
+    if self.enabled and os.path.exists(self.path):
+      kept = [r for r in read(os.path.dirname(self.path)) if r["step"] <= step]
+      with open(self.path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
     if not self.enabled:
       return
@@ -65,3 +72,31 @@ class MetricsWriter:
 def read(model_dir: str) -> list[dict]:
   with open(os.path.join(model_dir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(model_dir: str, keys: tuple[str, ...] = ("loss", "mlm_accuracy", "nsp_accuracy",
+                                                  "learning_rate")) -> str | None:
+  """Writes MODEL_DIR/metrics.png: train and held-out curves of the logged metrics."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  records = read(model_dir)
+  keys = [k for k in keys if any(r.get(k) is not None for r in records)]
+  if not keys:
+    return None
+  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for split in sorted({r["split"] for r in records}):
+      points = [(r["step"], r[key]) for r in records if r["split"] == split and
+                r.get(key) is not None]
+      if points:
+        ax.plot(*zip(*points), marker="o" if split != "train" else None, ms=3, label=split)
+    ax.set_title(key)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  path = os.path.join(model_dir, "metrics.png")
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path

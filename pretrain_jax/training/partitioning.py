@@ -47,9 +47,14 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 @gin.configurable
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh over all devices with axes (data, fsdp, tensor, expert); one size may be -1."""
-  devices = list(devices if devices is not None else jax.devices())
+              num_devices: int | None = None) -> Mesh:
+  """A mesh with axes (data, fsdp, tensor, expert) over all devices (or the first
+  `num_devices`); one size may be -1, meaning the rest."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if not 0 < num_devices <= len(devices):
+      raise UserError(f"make_mesh.num_devices={num_devices}, but {len(devices)} devices exist")
+    devices = devices[:num_devices]
   sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
   free = [name for name, size in sizes.items() if size == -1]
   if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
@@ -66,7 +71,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
                     f"{len(devices)} devices: make the product {len(devices)} (or set one "
                     "axis to -1)")
   shape = tuple(sizes[a] for a in MESH_AXES)
-  if devices == list(jax.devices()):
+  if len(devices) == jax.device_count():
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
               axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -54,6 +54,7 @@ class Setup:
     abstract_model = nnx.eval_shape(model_factory)
     self.graphdef, _ = _split_params(abstract_model)
     self.flops_per_token = getattr(abstract_model, "train_flops_per_token", None)
+    self.model_config = getattr(abstract_model, "cfg", None)
 
     def init() -> TrainState:
       _, params = _split_params(model_factory())
@@ -110,7 +111,7 @@ class Setup:
       grads = jax.tree.map(lambda g: g / self.num_microbatches, grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": (optax.global_norm(grads), jnp.float32(1.0)),
+    metrics = {**metrics, "grad_norm": (optax.tree.norm(grads), jnp.float32(1.0)),
                "learning_rate": (jnp.asarray(self.schedule(state.step), jnp.float32),
                                  jnp.float32(1.0))}
     return TrainState(state.step + 1, params, opt_state), metrics
@@ -126,6 +127,20 @@ class Setup:
     with self.context():
       return metrics_lib.reduce([self._eval(state.params, self.batch_to_device(b))
                                  for b in batches])
+
+
+def _check_vocabulary(task: str, setup: Setup) -> None:
+  """Ids past the embedding table would be clamped silently by the gather: refuse them."""
+  import seqio  # pylint: disable=import-outside-toplevel
+  model_vocab = getattr(getattr(setup, "model_config", None), "vocab_size", None)
+  if model_vocab is None or task not in seqio.TaskRegistry.names():
+    return
+  for name, feature in seqio.get_mixture_or_task(task).output_features.items():
+    if feature.vocabulary.vocab_size > model_vocab:
+      raise UserError(f"task {task!r} feature {name!r} has a vocabulary of "
+                      f"{feature.vocabulary.vocab_size} tokens but the model's vocab_size is "
+                      f"{model_vocab}; set the model's vocab_size >= "
+                      f"{feature.vocabulary.vocab_size}")
 
 
 def _stages(sequence_length: int | None, num_steps: int | None,
@@ -161,6 +176,7 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
       f.write(gin.config_str())
 
   setup = Setup(model, loss_fn, total_steps, num_microbatches, seed)
+  _check_vocabulary(task, setup)
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint_every,
                                   keep_checkpoints)
   restored = ckpt.restore(setup.abstract_with_shardings())
@@ -170,6 +186,7 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
   else:
     state, position = setup.init_state(), {"stage": 0, "epoch": 0, "batch": 0}
   writer = metrics_lib.MetricsWriter(model_dir, enabled=jax.process_index() == 0)
+  writer.truncate_after(int(state.step))
   peak = metrics_lib.peak_flops(jax.devices()[0])
   step = int(state.step)
   last = {}
@@ -224,7 +241,19 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
     bar.close()
     ckpt.wait()
     ckpt.close()
+  if jax.process_index() == 0:
+    print(_summary(last, metrics_lib.plot(model_dir)))
   return last
+
+
+def _summary(last: dict, plot_path: str | None) -> str:
+  lines = []
+  for split, values in last.items():
+    shown = {k: v for k, v in values.items() if k not in ("learning_rate", "grad_norm")}
+    lines.append(f"{split:>6}: " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+  if plot_path:
+    lines.append(f"curves: {plot_path}")
+  return "\n".join(lines)
 
 
 def evaluate_checkpoint(model_dir: str, split: str = "validation") -> dict:

@@ -1,0 +1,144 @@
+"""Benchmark: BERT pretraining train-step throughput (tokens/s) on the local devices.
+
+For each model config and compute dtype: build the real `trainer.Setup` (AdamW, MLM + NSP loss,
+data-parallel mesh over the visible devices), pre-fetch a few real host batches from the bundled
+BBC task into memory (so the input pipeline is NOT measured; the host-to-device copy of each
+batch inside `Setup.train_step` is), time the first step (compile + one step), warm up, then
+time `--steps` steps `--repeats` times and report the median. Repeats are interleaved across
+configs (round 1 runs every config, then round 2, ...) so that load from other processes on a
+shared machine hits all configs alike: compare the same-run ratios printed at the end.
+
+  .venv/bin/python scripts/benchmark_train_step.py --models mini,small --batch_size 32 \
+      --seq_len 128 --steps 20 --dtypes float32,bfloat16 --output /tmp/bench.json
+
+Tokens/s counts batch x sequence length per step (padding included).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse
+import datetime
+import itertools
+import json
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gin
+import jax
+from absl import logging as absl_logging
+
+from pretrain_jax.__main__ import _configure
+from pretrain_jax.data import pipeline
+from pretrain_jax.training import trainer
+
+absl_logging.set_verbosity(absl_logging.ERROR)  # seqio's "uncached FunctionDataset" warning
+NUM_BATCHES = 4  # distinct real batches held in memory and cycled through
+
+
+class Bench:
+  """One (model, dtype, batch size): its Setup, state and in-memory batches."""
+
+  def __init__(self, model: str, dtype: str, batch_size: int, seq_len: int, warmup: int):
+    gin.clear_config()
+    _configure([f"models/bert_{model}.gin", "objectives/bert.gin", "runs/pretrain.gin"],
+               ["BertConfig.vocab_size = 8053", f"BertConfig.dtype = '{dtype}'"])
+    q = trainer._query
+    self.setup = trainer.Setup(q("train.model"), q("train.loss_fn"), num_steps=1000)
+    self.state = self.setup.init_state()
+    data = pipeline.TrainBatches(q("train.task"), {"inputs": seq_len, "targets": seq_len},
+                                 q("train.feature_converter"), batch_size, seed=0)
+    self.batches = itertools.cycle([next(data) for _ in range(NUM_BATCHES)])
+    flops = self.setup.flops_per_token and self.setup.flops_per_token(seq_len)
+    self.result = {"model": f"bert_{model}", "dtype": dtype, "batch_size": batch_size,
+                   "seq_len": seq_len, "flops_per_token": flops, "step_s_repeats": [],
+                   "params": int(sum(x.size for x in jax.tree.leaves(self.state.params)))}
+    self.result["first_step_s"] = self.run(1)  # trace + compile + one step
+    self.run(warmup)
+
+  def run(self, steps: int) -> float:
+    """Seconds per step over `steps` steps, waiting for the last one to finish."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      self.state, self.metrics = self.setup.train_step(self.state, next(self.batches))
+    jax.block_until_ready(self.metrics)
+    return (time.perf_counter() - t0) / max(steps, 1)
+
+  def finish(self) -> dict:
+    r = self.result
+    r["step_s"] = statistics.median(r["step_s_repeats"])
+    r["steps_per_s"] = 1 / r["step_s"]
+    r["tokens_per_s"] = r["batch_size"] * r["seq_len"] / r["step_s"]
+    r["gflops_per_s"] = (r["flops_per_token"] * r["tokens_per_s"] / 1e9
+                         if r["flops_per_token"] else None)
+    r["last_loss"] = float(self.metrics["loss"][0] / self.metrics["loss"][1])
+    return r
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--models", default="mini,small", help="comma list of tiny, mini, small, ...")
+  p.add_argument("--batch_size", default="32", help="comma list, e.g. 8,32")
+  p.add_argument("--seq_len", type=int, default=128)
+  p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--output", help="also write the results as JSON here")
+  args = p.parse_args()
+  models, dtypes = args.models.split(","), args.dtypes.split(",")
+  batch_sizes = [int(b) for b in args.batch_size.split(",")]
+
+  env = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+         "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+         "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+         "argv": sys.argv[1:], "loadavg_start": os.getloadavg()}
+  benches = []
+  for model, bs, dtype in itertools.product(models, batch_sizes, dtypes):
+    benches.append(Bench(model, dtype, bs, args.seq_len, args.warmup))
+    print(f"# set up {model} {dtype} b={bs}: first step "
+          f"{benches[-1].result['first_step_s']:.1f} s", file=sys.stderr, flush=True)
+  # Repeats are interleaved (round r times every config once) so that load from other
+  # processes on a shared machine hits all configs alike and ratios within a run stay fair.
+  for rep in range(args.repeats):
+    for b in benches:
+      b.result["step_s_repeats"].append(b.run(args.steps))
+    print(f"# round {rep + 1}/{args.repeats}: " + ", ".join(
+        f"{b.result['model']} {b.result['dtype']} {b.result['step_s_repeats'][-1] * 1e3:.0f} ms"
+        for b in benches), file=sys.stderr, flush=True)
+  results = [b.finish() for b in benches]
+  env["loadavg_end"] = os.getloadavg()
+
+  print(f"\njax {env['jax']}, {env['devices']}, {env['cpu_count']} CPUs, {env['date']}, "
+        f"load average {env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f}\n")
+  print("| model | params | dtype | batch | seq | first step (s) | step (ms) | steps/s "
+        "| tokens/s | GFLOP/s |")
+  print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+  for r in results:
+    gf = f"{r['gflops_per_s']:.1f}" if r["gflops_per_s"] else "-"
+    print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['dtype']} | {r['batch_size']} "
+          f"| {r['seq_len']} | {r['first_step_s']:.1f} | {r['step_s'] * 1e3:.0f} "
+          f"| {r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | {gf} |")
+
+  by_key = {(r["model"], r["dtype"], r["batch_size"]): r for r in results}
+  ratios = {}  # same-run ratios of tokens/s: what to compare across runs and machines
+  for (model, dtype, bs), r in by_key.items():
+    mini, f32 = by_key.get(("bert_mini", dtype, bs)), by_key.get((model, "float32", bs))
+    if mini and model != "bert_mini":
+      ratios[f"{model}/bert_mini {dtype} b{bs}"] = r["tokens_per_s"] / mini["tokens_per_s"]
+    if f32 and dtype != "float32":
+      ratios[f"{model} {dtype}/float32 b{bs}"] = r["tokens_per_s"] / f32["tokens_per_s"]
+  print("".join(f"\n{name} tokens/s: {value:.3f}" for name, value in ratios.items()))
+  if args.output:
+    with open(args.output, "w") as f:
+      json.dump({"env": env, "results": results, "ratios": ratios}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

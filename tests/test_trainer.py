@@ -1,0 +1,133 @@
+"""The trainer end to end on a tiny BERT: loss falls, 1 device == 8 sharded devices, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from pretrain_jax.__main__ import _configure
+from pretrain_jax.training import metrics as metrics_lib, partitioning, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["train.batch_size = 8", "train.sequence_length = 32", "train.log_every = 2",
+        "train.eval_every = 6", "train.eval_batches = 2", "train.checkpoint_every = 100",
+        "BertConfig.max_positions = 32", "warmup_linear_decay.warmup_steps = 2",
+        "warmup_linear_decay.learning_rate = 5e-3"]
+
+
+def _train(model_dir, steps, *bindings):
+  gin.clear_config()
+  _configure(["experiments/bert_tiny_cpu.gin"], TINY + [f"train.num_steps = {steps}",
+                                                        *bindings])
+  trainer.train(str(model_dir), progress=False)
+  return metrics_lib.read(str(model_dir))
+
+
+def _losses(records, split="train"):
+  return [r["loss"] for r in records if r["split"] == split]
+
+
+def test_one_device_equals_eight_sharded_devices(tmp_path):
+  assert jax.device_count() == 8
+  single = _train(tmp_path / "one", 12, "make_mesh.num_devices = 1")
+  sharded = _train(tmp_path / "eight", 12, "make_mesh.data = 2", "make_mesh.fsdp = 2",
+                   "make_mesh.tensor = 2")
+  print("1 device :", _losses(single))
+  print("8 devices:", _losses(sharded))
+  np.testing.assert_allclose(_losses(single), _losses(sharded), rtol=2e-4)
+  np.testing.assert_allclose(_losses(single, "validation"), _losses(sharded, "validation"),
+                             rtol=2e-4)
+  assert _losses(single)[-1] < _losses(single)[0] - 0.5, "loss must fall"
+
+
+def test_parameters_and_optimizer_state_are_sharded():
+  gin.clear_config()
+  _configure(["experiments/bert_tiny_cpu.gin", "meshes/data2_fsdp2_tensor2.gin"], TINY)
+  setup = trainer.Setup(trainer._query("train.model"), trainer._query("train.loss_fn"), 10)
+  state = setup.init_state()
+  print(partitioning.describe(state.params))
+  params = state.params
+  embedding = params["encoder"]["token_embed"]["embedding"][...]
+  assert embedding.shape == (8064, 128)
+  assert embedding.sharding.spec == jax.P("tensor", "fsdp")
+  assert {s.data.shape for s in embedding.addressable_shards} == {(4032, 64)}
+  query = params["encoder"]["layers"][0]["attention"]["query"]["kernel"][...]
+  assert query.shape == (128, 2, 64) and query.sharding.spec == jax.P("fsdp", "tensor", None)
+  assert {s.data.shape for s in query.addressable_shards} == {(64, 1, 64)}
+  wi = params["encoder"]["layers"][0]["mlp"]["wi"]["kernel"][...]
+  assert {s.data.shape for s in wi.addressable_shards} == {(64, 256)}
+  # Adam's moments follow their parameters; the step counter is replicated.
+  mu = state.opt_state[1][0].mu["encoder"]["token_embed"]["embedding"][...]
+  assert mu.sharding.spec == embedding.sharding.spec
+  assert state.step.sharding.spec == jax.P()
+  # Each device holds a quarter of the embedding (replicated only over the data axis).
+  assert sum(s.data.size for s in embedding.addressable_shards) == embedding.size * 2
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+  no_dropout = ["BertConfig.dropout_rate = 0.0", "BertConfig.attention_dropout_rate = 0.0",
+                "train.eval_every = 0"]
+  full = _train(tmp_path / "full", 4, *no_dropout)
+  accumulated = _train(tmp_path / "acc", 4, *no_dropout, "train.num_microbatches = 2")
+  np.testing.assert_allclose(_losses(full), _losses(accumulated), rtol=1e-4)
+
+
+def _cli(model_dir, steps):
+  return [sys.executable, "-m", "pretrain_jax", "train",
+          "--gin_file=experiments/bert_tiny_cpu.gin", f"--model_dir={model_dir}",
+          "--no_progress", *[f"--gin.{b.replace(' ', '')}" for b in TINY],
+          f"--gin.train.num_steps={steps}", "--gin.train.checkpoint_every=10",
+          "--gin.train.eval_every=10"]
+
+
+def _env():
+  return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+          "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def test_resume_after_kill_9_replays_the_same_metrics(tmp_path):
+  steps = 50
+  straight = tmp_path / "straight"
+  subprocess.run(_cli(straight, steps), cwd=REPO, env=_env(), check=True,
+                 capture_output=True)
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_cli(killed, steps), cwd=REPO, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / "20").exists():
+    assert proc.poll() is None, "the run ended before it could be killed"
+    assert time.time() < deadline
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  done = [int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit()]
+  assert max(done) < steps, "killed too late to test a resume"
+  resumed = subprocess.run(_cli(killed, steps), cwd=REPO, env=_env(), check=True,
+                           capture_output=True, text=True)
+  resumed_from = int(resumed.stdout.split("Resuming from step ")[1].split()[0])
+  assert 20 <= resumed_from < steps
+  timing = {"tokens_per_sec", "mfu"}
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+  a, b = strip(metrics_lib.read(str(straight))), strip(metrics_lib.read(str(killed)))
+  assert len(a) == len(b)
+  after = [(x, y) for x, y in zip(a, b) if x["step"] > resumed_from]
+  assert after, "no metrics after the resume"
+  for x, y in zip(a, b):
+    assert x == y, f"{x} != {y}"
+
+
+def test_sequence_length_stages_switch_by_config(tmp_path):
+  """BERT's recipe: most steps at a short length, then the rest at a long one."""
+  records = _train(tmp_path / "stages", 6, "train.stages = ((4, 16), (2, 32))",
+                   "train.eval_every = 0", "train.log_every = 1")
+  steps = [r["step"] for r in records if r["split"] == "train"]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  tokens_per_step = [r["loss"] for r in records]
+  assert all(np.isfinite(tokens_per_step))
