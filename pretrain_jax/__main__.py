@@ -6,9 +6,12 @@ Verbs: train, eval, show-data. Bad input ends in one line on stderr and exit sta
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow only feeds data here
 
 VERBS = ("train", "eval", "show-data")
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
@@ -29,6 +32,12 @@ def _parse(argv):
   parser.add_argument("--json", action="store_true", help="show-data: one JSON object a line")
   parser.add_argument("--list", action="store_true", help="show-data: list tasks and mixtures")
   parser.add_argument("--no_progress", action="store_true", help="train: no progress bar")
+  parser.add_argument("--coordinator_address", help="multi-host: host:port of process 0 "
+                      "(jax.distributed; TPU pods and SLURM can omit it with --multi_host)")
+  parser.add_argument("--num_processes", type=int)
+  parser.add_argument("--process_id", type=int)
+  parser.add_argument("--multi_host", action="store_true",
+                      help="call jax.distributed.initialize() (auto-detected cluster)")
   args, rest = parser.parse_known_args(argv)
   bindings = []
   for arg in rest:
@@ -41,6 +50,8 @@ def _parse(argv):
 
 def _configure(gin_files, bindings):
   import gin
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)  # seqio warns about uncached sources
   from pretrain_jax import registry  # noqa: F401  (registers configurables and tasks)
   from pretrain_jax.errors import UserError
   gin.add_config_file_search_path(GIN_DIR)
@@ -66,6 +77,9 @@ def main(argv=None) -> int:
   args, bindings = _parse(sys.argv[1:] if argv is None else argv)
   from pretrain_jax.errors import UserError
   try:
+    if args.multi_host or args.coordinator_address:
+      import jax
+      jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     _configure(args.gin_file, bindings)
     if args.verb == "train":
       from pretrain_jax.training import trainer
@@ -84,11 +98,14 @@ def main(argv=None) -> int:
                 list_tasks=args.list, sequence_length=args.sequence_length)
   except UserError as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # gin appends a context line
-    return 2
+    rc = 2
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
-    return 130
-  return 0
+    rc = 130
+  else:
+    rc = 0
+  gc.collect()  # free tf.data iterators held by a traceback before interpreter shutdown
+  return rc
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT_S = 300
+TIMEOUT_S = 120  # a run here takes 10-60 s on 2 busy cores
 
 TINY = ["--gin_file=experiments/bert_tiny_cpu.gin",
         "--gin.train.num_steps=2", "--gin.train.eval_every=0", "--gin.train.log_every=1",
@@ -45,7 +45,7 @@ def _env() -> dict:
 @dataclasses.dataclass
 class Run:
   args: list
-  returncode: int
+  returncode: int | None  # None: it did not exit within TIMEOUT_S and was killed
   stdout: str
   stderr: str
 
@@ -54,9 +54,18 @@ class Run:
             f"--- stderr ---\n{self.stderr}\n--- stdout (tail) ---\n{self.stdout[-2000:]}")
 
 
+def _text(data) -> str:
+  return data.decode("utf-8", "replace") if isinstance(data, bytes) else (data or "")
+
+
 def _cli(*args: str) -> Run:
-  proc = subprocess.run([sys.executable, "-m", "pretrain_jax", *args], cwd=REPO, env=_env(),
-                        capture_output=True, text=True, timeout=TIMEOUT_S)
+  try:
+    proc = subprocess.run([sys.executable, "-m", "pretrain_jax", *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+  except subprocess.TimeoutExpired as e:  # killed; report what it wrote before hanging
+    return Run(list(args), None, _text(e.stdout),
+               _text(e.stderr) + f"\n[test: the process had not exited after {TIMEOUT_S} s and "
+               "was killed]")
   return Run(list(args), proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -66,6 +75,7 @@ def _train(model_dir, *extra: str) -> Run:
 
 def error_line(run: Run) -> str:
   """Asserts the bad-input contract and returns the message after `error: `."""
+  assert run.returncode is not None, "the process hung instead of exiting:\n" + run.describe()
   assert "Traceback" not in run.stderr, run.describe()
   assert run.returncode == 2, run.describe()
   own = [line for line in run.stderr.splitlines()
@@ -238,16 +248,6 @@ def test_checkpoint_of_another_architecture(runs):
   assert checkpoints_after == checkpoints_before, "the checkpoints changed"
 
 
-def test_checkpoint_of_another_architecture_keeps_model_dir(runs):
-  """The refused run must not overwrite what documents the checkpoint (config.gin, metrics)."""
-  result = runs["architecture"]()
-  assert result["first"].returncode == 0, "the hidden=64 run failed:\n" + result["first"].describe()
-  assert result["second"].returncode != 0, result["second"].describe()
-  changed = sorted(k for k in set(result["before"]) | set(result["after"])
-                   if result["before"].get(k) != result["after"].get(k))
-  assert not changed, f"the refused run changed files in the model_dir: {changed}"
-
-
 # 6. Non-finite loss ---------------------------------------------------------------------------
 
 def test_nan_loss_stops_without_saving(runs):
@@ -262,3 +262,15 @@ def test_nan_loss_stops_without_saving(runs):
       checkpoint_dir.exists()) else []
   assert all(s < bad_step for s in saved), (
       f"a checkpoint at or after the non-finite step {bad_step} was saved: {saved}")
+
+
+# 5b. The refused run leaves the whole model_dir alone (kept last: -x asserts the rest first) --
+
+def test_checkpoint_of_another_architecture_keeps_model_dir(runs):
+  """The refused run must not overwrite what documents the checkpoint (config.gin, metrics)."""
+  result = runs["architecture"]()
+  assert result["first"].returncode == 0, "the hidden=64 run failed:\n" + result["first"].describe()
+  assert result["second"].returncode != 0, result["second"].describe()
+  changed = sorted(k for k in set(result["before"]) | set(result["after"])
+                   if result["before"].get(k) != result["after"].get(k))
+  assert not changed, f"the refused run changed files in the model_dir: {changed}"

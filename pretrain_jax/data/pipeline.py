@@ -3,12 +3,19 @@
 Epoch e is the task shuffled and masked with seed + e, so the data position is just
 (epoch, batch): a resumed run rebuilds epoch e and skips the batches it already trained on,
 and sees exactly the batches an uninterrupted run would have seen.
+
+Hosts split the data one of two ways (gin: `host_batches.sharding`):
+  "source": each host reads its own shard of the source (SeqIO ShardInfo) — the scalable
+            default; the global batch then depends on the number of hosts.
+  "batch":  each host builds the whole global batch and keeps its rows — preprocessing is
+            repeated on every host, but the data are identical for any number of hosts.
 """
 
 from __future__ import annotations
 
 import os
 
+import gin
 import jax
 import numpy as np
 import seqio
@@ -17,15 +24,38 @@ import tensorflow as tf
 from pretrain_jax.errors import UserError
 
 
+HOST_SHARDING = ("source", "batch")
+
+
 def _dataset(task: str, feature_lengths: dict, converter, split: str, seed: int | None,
-             shuffle: bool):
+             shuffle: bool, shard: seqio.ShardInfo | None = None):
   if task not in seqio.TaskRegistry.names() and task not in seqio.MixtureRegistry.names():
     known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
     raise UserError(f"unknown task or mixture {task!r}; registered: {', '.join(known)}")
-  shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
   return seqio.get_dataset(task, feature_lengths, converter, dataset_split=split,
                            shuffle=shuffle, num_epochs=1, shard_info=shard, seed=seed,
                            verbose=False)
+
+
+@gin.configurable
+def host_batches(task: str, feature_lengths: dict, converter, global_batch: int, split: str,
+                 seed: int, shuffle: bool, sharding: str = "source") -> tf.data.Dataset:
+  """This host's batches (of global_batch / num_hosts rows) for one epoch."""
+  hosts, index = jax.process_count(), jax.process_index()
+  if global_batch % hosts:
+    raise UserError(f"batch size {global_batch} is not divisible by the {hosts} hosts")
+  if sharding not in HOST_SHARDING:
+    raise UserError(f"host_batches.sharding={sharding!r}; valid: {HOST_SHARDING}")
+  rows = global_batch // hosts
+  if sharding == "source":
+    ds = _dataset(task, feature_lengths, converter, split, seed, shuffle,
+                  seqio.ShardInfo(index, hosts))
+    ds = ds.batch(rows, drop_remainder=True)
+  else:
+    ds = _dataset(task, feature_lengths, converter, split, seed, shuffle)
+    ds = ds.batch(global_batch, drop_remainder=True)
+    ds = ds.map(lambda b: {k: v[index * rows:(index + 1) * rows] for k, v in b.items()})
+  return ds.with_options(_host_options())
 
 
 def _host_options() -> tf.data.Options:
@@ -36,29 +66,20 @@ def _host_options() -> tf.data.Options:
   return options
 
 
-def host_batch_size(global_batch: int) -> int:
-  if global_batch % jax.process_count():
-    raise UserError(f"batch size {global_batch} is not divisible by the {jax.process_count()} "
-                    "hosts")
-  return global_batch // jax.process_count()
-
-
 class TrainBatches:
   """An endless, resumable iterator of host batches (dicts of numpy arrays)."""
 
   def __init__(self, task: str, feature_lengths: dict, converter, batch_size: int, seed: int,
                split: str = "train", position: dict | None = None):
     self.task, self.feature_lengths, self.converter = task, feature_lengths, converter
-    self.split, self.seed = split, seed
-    self.batch_size = host_batch_size(batch_size)
+    self.split, self.seed, self.batch_size = split, seed, batch_size
     self.position = dict(position or {"epoch": 0, "batch": 0})
     self._it = self._epoch_iterator(skip=self.position["batch"])
 
   def _epoch_iterator(self, skip: int):
-    ds = _dataset(self.task, self.feature_lengths, self.converter, self.split,
-                  self.seed + self.position["epoch"], shuffle=True)
-    ds = ds.batch(self.batch_size, drop_remainder=True).skip(skip).prefetch(2)
-    return ds.with_options(_host_options()).as_numpy_iterator()
+    ds = host_batches(self.task, self.feature_lengths, self.converter, self.batch_size,
+                      self.split, self.seed + self.position["epoch"], shuffle=True)
+    return ds.skip(skip).prefetch(2).as_numpy_iterator()
 
   def __iter__(self):
     return self
@@ -82,9 +103,8 @@ class TrainBatches:
 def eval_batches(task: str, feature_lengths: dict, converter, batch_size: int,
                  num_batches: int, split: str = "validation", seed: int = 0) -> list[dict]:
   """A fixed list of held-out batches (same masks every evaluation, so numbers compare)."""
-  ds = _dataset(task, feature_lengths, converter, split, seed, shuffle=False)
-  batches = list(ds.batch(host_batch_size(batch_size), drop_remainder=True)
-                 .take(num_batches).as_numpy_iterator())
+  ds = host_batches(task, feature_lengths, converter, batch_size, split, seed, shuffle=False)
+  batches = list(ds.take(num_batches).as_numpy_iterator())
   if not batches:
     raise UserError(f"task {task!r} split {split!r} yields no full batch of {batch_size} "
                     "examples for evaluation; lower the eval batch size or set eval_every=0")

@@ -40,6 +40,9 @@ class Checkpointer:
     return self.manager.save(step, force=force, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)))
 
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 

@@ -119,6 +119,15 @@ class Setup:
   def _eval_step(self, params, batch):
     return self.loss_fn(nnx.merge(self.graphdef, params), batch, rngs=None)[1]
 
+  def all_finite(self, state: TrainState) -> bool:
+    """Checked before every save, so no checkpoint ever holds NaN or inf parameters."""
+    return bool(self._all_finite(state.params))
+
+  @staticmethod
+  @jax.jit
+  def _all_finite(params):
+    return jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+
   def train_step(self, state, batch):
     with self.context():
       return self._step(state, self.batch_to_device(batch))
@@ -171,10 +180,6 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
     raise UserError(f"batch_size {batch_size} is not divisible by num_microbatches "
                     f"{num_microbatches}")
   os.makedirs(model_dir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
-
   setup = Setup(model, loss_fn, total_steps, num_microbatches, seed)
   _check_vocabulary(task, setup)
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint_every,
@@ -185,6 +190,9 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
     print(f"Resuming from step {int(state.step)} in {model_dir}")
   else:
     state, position = setup.init_state(), {"stage": 0, "epoch": 0, "batch": 0}
+  if jax.process_index() == 0:  # only now: a refused model_dir keeps the config it was made by
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.config_str())
   writer = metrics_lib.MetricsWriter(model_dir, enabled=jax.process_index() == 0)
   writer.truncate_after(int(state.step))
   peak = metrics_lib.peak_flops(jax.devices()[0])
@@ -233,12 +241,18 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
         if held_out and (step % eval_every == 0 or step == total_steps):
           last["eval"] = setup.evaluate(state, held_out)
           writer.write(step, eval_split, last["eval"])
-        ckpt.save(step, state, {"stage": stage_index, **data.position},
-                  force=step == total_steps)
+        if ckpt.should_save(step) or step == total_steps:
+          if not setup.all_finite(state):
+            raise UserError(
+                f"parameters are not finite at step {step}; stopping without saving this "
+                f"state (last checkpoint: step {ckpt.latest_step()}). Lower the learning "
+                "rate or check the data")
+          ckpt.save(step, state, {"stage": stage_index, **data.position}, force=True)
       stage_start = stage_end
       position = {"stage": stage_index + 1, "epoch": 0, "batch": 0}
   finally:
     bar.close()
+    data = None  # a live tf.data iterator can deadlock interpreter shutdown: release it now
     ckpt.wait()
     ckpt.close()
   if jax.process_index() == 0:
