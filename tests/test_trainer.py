@@ -37,6 +37,10 @@ def _losses(records, split="train"):
 def test_one_device_equals_eight_sharded_devices(tmp_path):
   assert jax.device_count() == 8
   single = _train(tmp_path / "one", 12, "make_mesh.num_devices = 1")
+  # The `eval` verb on the final checkpoint reproduces the run's last held-out numbers.
+  evaluated = trainer.evaluate_checkpoint(str(tmp_path / "one"), "validation")
+  assert evaluated["step"] == 12
+  np.testing.assert_allclose(evaluated["mlm_loss"], single[-1]["mlm_loss"], rtol=1e-5)
   sharded = _train(tmp_path / "eight", 12, "make_mesh.data = 2", "make_mesh.fsdp = 2",
                    "make_mesh.tensor = 2")
   print("1 device :", _losses(single))

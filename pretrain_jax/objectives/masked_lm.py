@@ -142,8 +142,8 @@ def full_sentences(dataset, sequence_length, output_features):
   max_length = sequence_length["targets"]
 
   def generate():
-    docs = ([np.asarray(s, np.int32) for s in ex["sentences"].to_list()]
-            for ex in dataset.as_numpy_iterator())
+    ragged = dataset.map(lambda ex: (ex["sentences"].flat_values, ex["sentences"].row_splits))
+    docs = (_split_ragged(flat, splits) for flat, splits in ragged.as_numpy_iterator())
     for tokens, segments in sentence_pairs.full_sentence_instances(
         docs, max_length=max_length, cls_id=vocab.cls_id, sep_id=vocab.sep_id):
       yield {"targets": tokens, "segment_ids": segments}
