@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow only feeds data here
 
 VERBS = ("train", "eval", "show-data")
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
 
 
 def _parse(argv):
@@ -48,31 +46,6 @@ def _parse(argv):
   return args, bindings
 
 
-def _configure(gin_files, bindings):
-  import gin
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.ERROR)  # seqio warns about uncached sources
-  from pretrain_jax import registry  # noqa: F401  (registers configurables and tasks)
-  from pretrain_jax.errors import UserError
-  gin.add_config_file_search_path(GIN_DIR)
-  resolved = []
-  for f in gin_files:
-    path = f if os.path.exists(f) else os.path.join(GIN_DIR, f)
-    if not os.path.exists(path):
-      raise UserError(f"--gin_file={f}: no such file (looked here and in {GIN_DIR})")
-    resolved.append(path)
-  root = logging.getLogger()
-  level = root.level
-  root.setLevel(logging.CRITICAL)  # gin logs every search-path miss of an include as an error
-  try:
-    gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
-  except (ValueError, KeyError, SyntaxError, IOError) as e:
-    message = " ".join(str(e).split("\n")[0].split())
-    raise UserError(f"gin: {message}") from None
-  finally:
-    root.setLevel(level)
-
-
 def main(argv=None) -> int:
   args, bindings = _parse(sys.argv[1:] if argv is None else argv)
   from pretrain_jax.errors import UserError
@@ -80,7 +53,8 @@ def main(argv=None) -> int:
     if args.multi_host or args.coordinator_address:
       import jax
       jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    _configure(args.gin_file, bindings)
+    from pretrain_jax.config import configure
+    configure(args.gin_file, bindings)
     if args.verb == "train":
       from pretrain_jax.training import trainer
       if not args.model_dir:

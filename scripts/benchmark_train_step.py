@@ -33,7 +33,7 @@ import gin
 import jax
 from absl import logging as absl_logging
 
-from pretrain_jax.__main__ import _configure
+from pretrain_jax.config import bound, configure
 from pretrain_jax.data import pipeline
 from pretrain_jax.training import trainer
 
@@ -46,9 +46,9 @@ class Bench:
 
   def __init__(self, model: str, dtype: str, batch_size: int, seq_len: int, warmup: int):
     gin.clear_config()
-    _configure([f"models/bert_{model}.gin", "objectives/bert.gin", "runs/pretrain.gin"],
+    configure([f"models/bert_{model}.gin", "objectives/bert.gin", "runs/pretrain.gin"],
                ["BertConfig.vocab_size = 8053", f"BertConfig.dtype = '{dtype}'"])
-    q = trainer._query
+    q = bound
     self.setup = trainer.Setup(q("train.model"), q("train.loss_fn"), num_steps=1000)
     self.state = self.setup.init_state()
     data = pipeline.TrainBatches(q("train.task"), {"inputs": seq_len, "targets": seq_len},

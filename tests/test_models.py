@@ -4,11 +4,12 @@ import glob
 import os
 
 import gin
+import numpy as np
 import jax
 import pytest
 from flax import nnx
 
-from pretrain_jax.__main__ import GIN_DIR, _configure
+from pretrain_jax.config import GIN_DIR, bound, configure
 from pretrain_jax.models import bert
 from pretrain_jax.training import trainer
 
@@ -24,8 +25,8 @@ def _param_count(module) -> int:
 ])
 def test_exact_parameter_counts(name, encoder_params, pretraining_params):
   gin.clear_config()
-  _configure([f"models/{name}.gin"], [])
-  model = nnx.eval_shape(trainer._query("train.model"))  # shapes only, nothing allocated
+  configure([f"models/{name}.gin"], [])
+  model = nnx.eval_shape(bound("train.model"))  # shapes only, nothing allocated
   encoder = _param_count(model.encoder) + _param_count(model.pooler)
   print(f"{name}: BertModel {encoder:,}  with MLM + NSP heads {_param_count(model):,}")
   assert encoder == encoder_params == bert.encoder_param_count(model.cfg)
@@ -36,7 +37,7 @@ def test_exact_parameter_counts(name, encoder_params, pretraining_params):
                                                   recursive=True)))
 def test_every_gin_file_parses(path):
   gin.clear_config()
-  _configure([path], [])
+  configure([path], [])
 
 
 def test_sequence_longer_than_positions_is_refused():
@@ -46,3 +47,18 @@ def test_sequence_longer_than_positions_is_refused():
   ids = jax.numpy.ones((1, 9), "int32")
   with pytest.raises(Exception, match="sequence length 9 exceeds the model's max_positions=8"):
     model.encode(ids, ids * 0)
+
+
+def test_remat_gives_the_same_gradients():
+  def grads(remat):
+    cfg = bert.BertConfig(vocab_size=100, hidden=32, num_layers=2, num_heads=2, mlp_dim=64,
+                          remat=remat)
+    graphdef, params = nnx.split(bert.BertForPretraining(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    ids = jax.numpy.arange(16).reshape(2, 8) % 100
+
+    def loss(p):
+      return nnx.merge(graphdef, p).encode(ids, ids * 0, rngs=nnx.Rngs(dropout=1)).sum()
+    return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+  for a, b in zip(grads(False), grads(True)):
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from pretrain_jax.__main__ import _configure
+from pretrain_jax.config import bound, configure
 from pretrain_jax.training import metrics as metrics_lib, partitioning, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ TINY = ["train.batch_size = 8", "train.sequence_length = 32", "train.log_every =
 
 def _train(model_dir, steps, *bindings):
   gin.clear_config()
-  _configure(["experiments/bert_tiny_cpu.gin"], TINY + [f"train.num_steps = {steps}",
+  configure(["experiments/bert_tiny_cpu.gin"], TINY + [f"train.num_steps = {steps}",
                                                         *bindings])
   trainer.train(str(model_dir), progress=False)
   return metrics_lib.read(str(model_dir))
@@ -53,8 +53,8 @@ def test_one_device_equals_eight_sharded_devices(tmp_path):
 
 def test_parameters_and_optimizer_state_are_sharded():
   gin.clear_config()
-  _configure(["experiments/bert_tiny_cpu.gin", "meshes/data2_fsdp2_tensor2.gin"], TINY)
-  setup = trainer.Setup(trainer._query("train.model"), trainer._query("train.loss_fn"), 10)
+  configure(["experiments/bert_tiny_cpu.gin", "meshes/data2_fsdp2_tensor2.gin"], TINY)
+  setup = trainer.Setup(bound("train.model"), bound("train.loss_fn"), 10)
   state = setup.init_state()
   print(partitioning.describe(state.params))
   params = state.params

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import json
 
-import gin
 import numpy as np
 import seqio
 
+from pretrain_jax import config
 from pretrain_jax.data import pipeline
 from pretrain_jax.errors import UserError
 
 
-def _bound(name: str, default):
-  try:
-    return gin.query_parameter(name)
-  except ValueError:
-    return default
-
-
 def _converter():
-  converter = _bound("train.feature_converter", None)
-  if isinstance(converter, gin.config.ConfigurableReference):
-    converter = converter.scoped_configurable_fn()
+  converter = config.bound("train.feature_converter")
   if converter is None:
     from pretrain_jax.objectives.masked_lm import MaskedLmFeatureConverter
     converter = MaskedLmFeatureConverter()
@@ -71,10 +62,10 @@ def main(task: str | None, split: str, num: int, as_json: bool, list_tasks: bool
     for name in sorted(seqio.MixtureRegistry.names()):
       print(f"mixture  {name}")
     return
-  task = task or _bound("train.task", None)
+  task = task or config.bound("train.task")
   if not task:
     raise UserError("show-data needs --task NAME (see show-data --list)")
-  length = sequence_length or _bound("train.sequence_length", None) or 128
+  length = sequence_length or config.bound("train.sequence_length") or 128
   vocab = _vocabulary(task) if task in seqio.TaskRegistry.names() or \
       task in seqio.MixtureRegistry.names() else None
   for i, example in enumerate(examples(task, split, num, length)):

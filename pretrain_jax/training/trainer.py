@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from pretrain_jax import config
 from pretrain_jax.data import pipeline
 from pretrain_jax.errors import UserError
 from pretrain_jax.training import checkpoints, metrics as metrics_lib, optimizers, partitioning
@@ -272,7 +273,7 @@ def _summary(last: dict, plot_path: str | None) -> str:
 
 def evaluate_checkpoint(model_dir: str, split: str = "validation") -> dict:
   """Evaluates the latest checkpoint in `model_dir` with the train bindings of the gin config."""
-  q = lambda name, default=None: _query(f"train.{name}", default)
+  q = lambda name, default=None: config.bound(f"train.{name}", default)
   stage_list = _stages(q("sequence_length"), q("num_steps"), q("stages"))
   setup = Setup(q("model"), q("loss_fn"), sum(n for n, _ in stage_list),
                 seed=q("seed", 0))
@@ -287,13 +288,3 @@ def evaluate_checkpoint(model_dir: str, split: str = "validation") -> dict:
                                   q("feature_converter"), q("batch_size", 32),
                                   q("eval_batches", 10), split)
   return {"step": int(state.step), "split": split, **setup.evaluate(state, batches)}
-
-
-def _query(name: str, default=None):
-  try:
-    value = gin.query_parameter(name)
-  except ValueError:
-    return default
-  if isinstance(value, gin.config.ConfigurableReference):
-    value = value.scoped_configurable_fn if not value.evaluate else value.scoped_configurable_fn()
-  return value

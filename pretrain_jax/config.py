@@ -1,0 +1,48 @@
+"""Gin configuration: where configs live, parsing them with clear errors, reading bindings."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import gin
+from absl import logging as absl_logging
+
+from pretrain_jax.errors import UserError
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+
+
+def configure(gin_files: list[str], bindings: list[str]) -> None:
+  """Parses gin files (here or in gin_configs/) and NAME=VALUE bindings; UserError if bad."""
+  absl_logging.set_verbosity(absl_logging.ERROR)  # seqio warns about uncached sources
+  from pretrain_jax import registry  # pylint: disable=import-outside-toplevel,unused-import
+  gin.add_config_file_search_path(GIN_DIR)
+  resolved = []
+  for f in gin_files:
+    path = f if os.path.exists(f) else os.path.join(GIN_DIR, f)
+    if not os.path.exists(path):
+      raise UserError(f"--gin_file={f}: no such file (looked here and in {GIN_DIR})")
+    resolved.append(path)
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.CRITICAL)  # gin logs every search-path miss of an include as an error
+  try:
+    gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+  except (ValueError, KeyError, SyntaxError, IOError) as e:
+    message = " ".join(str(e).split("\n")[0].split())
+    raise UserError(f"gin: {message}") from None
+  finally:
+    root.setLevel(level)
+
+
+def bound(name: str, default=None):
+  """The value bound to `name` ("train.task"); `@f()` references are evaluated, `@f` returned."""
+  try:
+    value = gin.query_parameter(name)
+  except ValueError:
+    return default
+  if isinstance(value, gin.config.ConfigurableReference):
+    fn = value.scoped_configurable_fn
+    return fn() if value.evaluate else fn
+  return value
