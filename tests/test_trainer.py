@@ -140,3 +140,11 @@ def test_sequence_length_stages_switch_by_config(tmp_path):
   position = ckpt.manager.restore(6, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
   ckpt.close()
   assert position["data"] == {"stage": 1, "epoch": 0, "batch": 2}  # 2 batches at length 32
+
+
+def test_roberta_and_spanbert_train_without_nsp(tmp_path):
+  for objective in ("roberta", "spanbert"):
+    records = _train(tmp_path / objective, 4, f"train.task = 'bbc_{objective}'",
+                     "train.eval_every = 4", "train.log_every = 2")
+    assert [r["step"] for r in records] == [2, 4, 4]
+    assert all("nsp_loss" not in r and np.isfinite(r["mlm_loss"]) for r in records)
