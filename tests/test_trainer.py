@@ -101,8 +101,8 @@ def test_resume_after_kill_9_replays_the_same_metrics(tmp_path):
   straight = tmp_path / "straight"
   subprocess.run(_cli(straight, steps), cwd=REPO, env=_env(), check=True,
                  capture_output=True)
-  killed = tmp_path / "killed"
-  proc = subprocess.Popen(_cli(killed, steps), cwd=REPO, env=_env(),
+  killed = tmp_path / "killed"  # given as a relative path: orbax itself wants absolute ones
+  proc = subprocess.Popen(_cli("killed", steps), cwd=tmp_path, env=_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while not (killed / "checkpoints" / "20").exists():
@@ -113,7 +113,7 @@ def test_resume_after_kill_9_replays_the_same_metrics(tmp_path):
   proc.wait()
   done = [int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit()]
   assert max(done) < steps, "killed too late to test a resume"
-  resumed = subprocess.run(_cli(killed, steps), cwd=REPO, env=_env(), check=True,
+  resumed = subprocess.run(_cli("killed", steps), cwd=tmp_path, env=_env(), check=True,
                            capture_output=True, text=True)
   resumed_from = int(resumed.stdout.split("Resuming from step ")[1].split()[0])
   assert 20 <= resumed_from < steps
@@ -136,7 +136,7 @@ def test_sequence_length_stages_switch_by_config(tmp_path):
   assert all(np.isfinite([r["loss"] for r in records]))
   import orbax.checkpoint as ocp
   from pretrain_jax.training import checkpoints
-  ckpt = checkpoints.Checkpointer(str(tmp_path / "stages" / "checkpoints"), 1)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "stages" / "checkpoints"))
   position = ckpt.manager.restore(6, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
   ckpt.close()
   assert position["data"] == {"stage": 1, "epoch": 0, "batch": 2}  # 2 batches at length 32

@@ -25,23 +25,19 @@ def _path_str(path) -> str:
 
 
 class Checkpointer:
-  """Saves every `every` steps (asynchronously), keeps the last `keep`, restores the latest."""
+  """Saves asynchronously when asked, keeps the last `keep`, restores the latest."""
 
-  def __init__(self, directory: str, every: int, keep: int = 3):
+  def __init__(self, directory: str, keep: int = 3):
     self.directory = directory
     self.manager = ocp.CheckpointManager(
         directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
-                                             enable_async_checkpointing=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
 
-  def save(self, step: int, state, data_position: dict, force: bool = False) -> bool:
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
+  def save(self, step: int, state, data_position: dict) -> bool:
+    return self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)))
-
-  def should_save(self, step: int) -> bool:
-    return self.manager.should_save(step)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

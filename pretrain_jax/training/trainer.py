@@ -139,6 +139,11 @@ class Setup:
                                  for b in batches])
 
 
+def _absolute(path: str) -> str:
+  """Orbax wants absolute paths; remote ones (gs://...) already are."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 def _check_vocabulary(task: str, setup: Setup) -> None:
   """Ids past the embedding table would be clamped silently by the gather: refuse them."""
   import seqio  # pylint: disable=import-outside-toplevel
@@ -180,11 +185,11 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
   if batch_size % num_microbatches:
     raise UserError(f"batch_size {batch_size} is not divisible by num_microbatches "
                     f"{num_microbatches}")
+  model_dir = _absolute(model_dir)
   os.makedirs(model_dir, exist_ok=True)
   setup = Setup(model, loss_fn, total_steps, num_microbatches, seed)
   _check_vocabulary(task, setup)
-  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint_every,
-                                  keep_checkpoints)
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep_checkpoints)
   restored = ckpt.restore(setup.abstract_with_shardings())
   if restored:
     state, position = restored
@@ -242,13 +247,13 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
         if held_out and (step % eval_every == 0 or step == total_steps):
           last["eval"] = setup.evaluate(state, held_out)
           writer.write(step, eval_split, last["eval"])
-        if ckpt.should_save(step) or step == total_steps:
+        if step % checkpoint_every == 0 or step == total_steps:
           if not setup.all_finite(state):
             raise UserError(
                 f"parameters are not finite at step {step}; stopping without saving this "
                 f"state (last checkpoint: step {ckpt.latest_step()}). Lower the learning "
                 "rate or check the data")
-          ckpt.save(step, state, {"stage": stage_index, **data.position}, force=True)
+          ckpt.save(step, state, {"stage": stage_index, **data.position})
       stage_start = stage_end
       position = {"stage": stage_index + 1, "epoch": 0, "batch": 0}
   finally:
@@ -274,10 +279,11 @@ def _summary(last: dict, plot_path: str | None) -> str:
 def evaluate_checkpoint(model_dir: str, split: str = "validation") -> dict:
   """Evaluates the latest checkpoint in `model_dir` with the train bindings of the gin config."""
   q = lambda name, default=None: config.bound(f"train.{name}", default)
+  model_dir = _absolute(model_dir)
   stage_list = _stages(q("sequence_length"), q("num_steps"), q("stages"))
   setup = Setup(q("model"), q("loss_fn"), sum(n for n, _ in stage_list),
                 seed=q("seed", 0))
-  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), 1)
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
   restored = ckpt.restore(setup.abstract_with_shardings())
   ckpt.close()
   if restored is None:
