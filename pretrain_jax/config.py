@@ -17,7 +17,11 @@ def configure(gin_files: list[str], bindings: list[str]) -> None:
   """Parses gin files (here or in gin_configs/) and NAME=VALUE bindings; UserError if bad."""
   absl_logging.set_verbosity(absl_logging.ERROR)  # seqio warns about uncached sources
   from pretrain_jax import registry  # pylint: disable=import-outside-toplevel,unused-import
-  gin.add_config_file_search_path(GIN_DIR)
+  # Includes resolve in gin_configs/ first. gin has no public way to put a search path before
+  # the working directory, and its package-path reader crashes when the working directory
+  # holds a folder named like an include's ('runs/' from a training run, say).
+  if GIN_DIR not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+    gin.config._LOCATION_PREFIXES.insert(0, GIN_DIR)  # pylint: disable=protected-access
   resolved = []
   for f in gin_files:
     path = f if os.path.exists(f) else os.path.join(GIN_DIR, f)
@@ -29,7 +33,7 @@ def configure(gin_files: list[str], bindings: list[str]) -> None:
   root.setLevel(logging.CRITICAL)  # gin logs every search-path miss of an include as an error
   try:
     gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
-  except (ValueError, KeyError, SyntaxError, IOError) as e:
+  except (ValueError, KeyError, SyntaxError, IOError, TypeError) as e:
     message = " ".join(str(e).split("\n")[0].split())
     raise UserError(f"gin: {message}") from None
   finally:

@@ -62,3 +62,13 @@ def test_remat_gives_the_same_gradients():
 
   for a, b in zip(grads(False), grads(True)):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_configs_parse_from_a_directory_with_clashing_folder_names(tmp_path, monkeypatch):
+  """A `runs/` or `models/` folder in the working directory must not hijack gin includes."""
+  for name in ("runs", "models", "objectives"):
+    (tmp_path / name / "x").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  gin.clear_config()
+  configure(["experiments/bert_tiny_cpu.gin"], [])
+  assert bound("train.num_steps") == 1500
