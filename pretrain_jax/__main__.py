@@ -23,7 +23,7 @@ def _parse(argv):
                       help="gin file (repeatable); relative paths also resolve in gin_configs/")
   parser.add_argument("--model_dir", help="checkpoints, metrics.jsonl, TensorBoard, config.gin")
   parser.add_argument("--task", help="show-data: task or mixture name")
-  parser.add_argument("--split", default="train")
+  parser.add_argument("--split", help="show-data: default train; eval: default validation")
   parser.add_argument("--num", type=int, default=3, help="show-data: examples to print")
   parser.add_argument("--sequence_length", type=int, default=None,
                       help="show-data: length (default: train.sequence_length or 128)")
@@ -46,8 +46,22 @@ def _parse(argv):
   return args, bindings
 
 
+def _import_tensorflow_quietly() -> None:
+  """TensorFlow's C++ runtime prints start-up notices (twice) before any log level applies."""
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
 def main(argv=None) -> int:
   args, bindings = _parse(sys.argv[1:] if argv is None else argv)
+  _import_tensorflow_quietly()
   from pretrain_jax.errors import UserError
   try:
     if args.multi_host or args.coordinator_address:
@@ -65,10 +79,10 @@ def main(argv=None) -> int:
       if not args.model_dir:
         raise UserError("eval needs --model_dir (a directory holding checkpoints)")
       import json
-      print(json.dumps(trainer.evaluate_checkpoint(args.model_dir, args.split)))
+      print(json.dumps(trainer.evaluate_checkpoint(args.model_dir, args.split or "validation")))
     elif args.verb == "show-data":
       from pretrain_jax.data import show
-      show.main(task=args.task, split=args.split, num=args.num, as_json=args.json,
+      show.main(task=args.task, split=args.split or "train", num=args.num, as_json=args.json,
                 list_tasks=args.list, sequence_length=args.sequence_length)
   except UserError as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # gin appends a context line

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
+import re
 
 import gin
 from absl import logging as absl_logging
@@ -35,7 +38,7 @@ def configure(gin_files: list[str], bindings: list[str]) -> None:
     gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
   except (ValueError, KeyError, SyntaxError, IOError, TypeError) as e:
     message = " ".join(str(e).split("\n")[0].split())
-    raise UserError(f"gin: {message}") from None
+    raise UserError(f"gin: {message}{_suggestion(message)}") from None
   finally:
     root.setLevel(level)
 
@@ -50,3 +53,21 @@ def bound(name: str, default=None):
     fn = value.scoped_configurable_fn
     return fn() if value.evaluate else fn
   return value
+
+
+def _suggestion(message: str) -> str:
+  """' Did you mean ...?' for a misspelt configurable or parameter in a gin error message."""
+  registry = gin.config._REGISTRY  # pylint: disable=protected-access
+  if m := re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", message):
+    try:
+      choices = list(inspect.signature(registry.get_match(m.group(1)).wrapped).parameters)
+    except Exception:  # pylint: disable=broad-except
+      return ""
+    wrong = m.group(2)
+  elif m := re.search(r"No configurable matching '([\w.]+)'", message):
+    choices = sorted({sel.rsplit(".", 1)[-1] for sel, _ in registry.items()})
+    wrong = m.group(1).rsplit(".", 1)[-1]
+  else:
+    return ""
+  close = difflib.get_close_matches(wrong, choices, n=3)
+  return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

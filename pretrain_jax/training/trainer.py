@@ -193,6 +193,11 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
   restored = ckpt.restore(setup.abstract_with_shardings())
   if restored:
     state, position = restored
+    if int(state.step) >= total_steps:
+      ckpt.close()
+      print(f"{model_dir} is already trained to step {int(state.step)} of {total_steps}: "
+            "nothing to do (raise train.num_steps to continue)")
+      return {}
     print(f"Resuming from step {int(state.step)} in {model_dir}")
   else:
     state, position = setup.init_state(), {"stage": 0, "epoch": 0, "batch": 0}
