@@ -72,3 +72,12 @@ def test_configs_parse_from_a_directory_with_clashing_folder_names(tmp_path, mon
   gin.clear_config()
   configure(["experiments/bert_tiny_cpu.gin"], [])
   assert bound("train.num_steps") == 1500
+
+
+def test_misspelt_gin_names_get_a_suggestion():
+  from pretrain_jax.errors import UserError
+  for binding, hint in [("train.num_stepz = 3", "Did you mean 'num_steps'?"),
+                        ("BertConfg.hidden = 3", "Did you mean 'BertConfig'?")]:
+    gin.clear_config()
+    with pytest.raises(UserError, match=hint):
+      configure(["experiments/bert_tiny_cpu.gin"], [binding])
