@@ -225,6 +225,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
                                                        "batch": start["batch"]})
       held_out = (pipeline.eval_batches(task, lengths, feature_converter, batch_size,
                                         eval_batches, eval_split) if eval_every else [])
+      if held_out and step == 0:  # the starting point of the held-out curve
+        writer.write(0, eval_split, setup.evaluate(state, held_out))
       window, t0, tokens = [], time.perf_counter(), 0
       while step < stage_end:
         state, step_metrics = setup.train_step(state, next(data))
