@@ -26,7 +26,7 @@ def _param_count(module) -> int:
 def test_exact_parameter_counts(name, encoder_params, pretraining_params):
   gin.clear_config()
   configure([f"models/{name}.gin"], [])
-  model = nnx.eval_shape(bound("train.model"))  # shapes only, nothing allocated
+  model = nnx.eval_shape(lambda: bound("train.model")(0))  # shapes only, nothing allocated
   encoder = _param_count(model.encoder) + _param_count(model.pooler)
   print(f"{name}: BertModel {encoder:,}  with MLM + NSP heads {_param_count(model):,}")
   assert encoder == encoder_params == bert.encoder_param_count(model.cfg)
@@ -81,3 +81,23 @@ def test_misspelt_gin_names_get_a_suggestion():
     gin.clear_config()
     with pytest.raises(UserError, match=hint):
       configure(["experiments/bert_tiny_cpu.gin"], [binding])
+
+
+def test_bad_settings_are_refused_up_front(tmp_path):
+  from pretrain_jax import registry  # noqa: F401  (registers the tasks)
+  from pretrain_jax.data import pipeline
+  from pretrain_jax.errors import UserError
+  from pretrain_jax.objectives.masked_lm import MaskedLmFeatureConverter, MaskingConfig
+  with pytest.raises(UserError, match="mask_rate=1.5"):
+    MaskingConfig(mask_rate=1.5)
+  with pytest.raises(UserError, match="hidden=100 is not divisible by num_heads=3"):
+    bert.BertConfig(hidden=100, num_heads=3)
+  with pytest.raises(UserError, match="has no split 'dev'; its splits: train, validation, test"):
+    pipeline._dataset("bbc_bert", {"inputs": 32, "targets": 32}, MaskedLmFeatureConverter(),
+                      "dev", 0, shuffle=False)
+  for binding, message in [("train.log_every = 0", "train.log_every=0"),
+                           ("train.batch_size = 12", "batch size 12 does not split over")]:
+    gin.clear_config()
+    configure(["experiments/bert_tiny_cpu.gin"], [binding])
+    with pytest.raises(UserError, match=message):
+      trainer.train(str(tmp_path / "x"), progress=False)

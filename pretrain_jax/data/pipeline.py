@@ -17,6 +17,7 @@ import os
 
 import gin
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -32,6 +33,9 @@ def _dataset(task: str, feature_lengths: dict, converter, split: str, seed: int 
   if task not in seqio.TaskRegistry.names() and task not in seqio.MixtureRegistry.names():
     known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
     raise UserError(f"unknown task or mixture {task!r}; registered: {', '.join(known)}")
+  splits = seqio.get_mixture_or_task(task).splits
+  if split not in splits:
+    raise UserError(f"task {task!r} has no split {split!r}; its splits: {', '.join(splits)}")
   return seqio.get_dataset(task, feature_lengths, converter, dataset_split=split,
                            shuffle=shuffle, num_epochs=1, shard_info=shard, seed=seed,
                            verbose=False)
@@ -105,6 +109,9 @@ def eval_batches(task: str, feature_lengths: dict, converter, batch_size: int,
   """A fixed list of held-out batches (same masks every evaluation, so numbers compare)."""
   ds = host_batches(task, feature_lengths, converter, batch_size, split, seed, shuffle=False)
   batches = list(ds.take(num_batches).as_numpy_iterator())
+  if jax.process_count() > 1:  # every host must run the same number of collective steps
+    fewest = int(multihost_utils.process_allgather(np.int32(len(batches))).min())
+    batches = batches[:fewest]
   if not batches:
     raise UserError(f"task {task!r} split {split!r} yields no full batch of {batch_size} "
                     "examples for evaluation; lower the eval batch size or set eval_every=0")

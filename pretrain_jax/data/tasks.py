@@ -36,7 +36,7 @@ def _texts_source(texts_of_split, num_examples: dict[str, int]) -> seqio.DataSou
     texts = texts_of_split(split)
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(texts, tf.string))
     if shuffle_files:  # documents of one topic sit together: shuffle them all, not a window
-      ds = ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=False)
+      ds = ds.shuffle(max(len(texts), 1), seed=seed, reshuffle_each_iteration=False)
     return ds.map(lambda t: {"text": t})
   return seqio.FunctionDataSource(dataset_fn, splits=tuple(num_examples),
                                   num_input_examples=num_examples)

@@ -9,8 +9,8 @@ from pretrain_jax.training.partitioning import constrain
 
 
 def padding_mask(valid_BL: jax.Array) -> jax.Array:
-  """[B, 1, L, L] mask: query i may attend to key j where both are real tokens."""
-  return valid_BL[:, None, :, None] & valid_BL[:, None, None, :]
+  """[B, 1, 1, L] mask: every query attends to the real keys (padded queries are never read)."""
+  return valid_BL[:, None, None, :]
 
 
 class MultiHeadAttention(nnx.Module):
@@ -33,18 +33,18 @@ class MultiHeadAttention(nnx.Module):
     self.dropout = nnx.Dropout(dropout_rate)
     self.dropout_rate = dropout_rate
 
-  def __call__(self, x_BLD: jax.Array, mask_B1LL: jax.Array, *,
+  def __call__(self, x_BLD: jax.Array, mask_B11L: jax.Array, *,
                rngs: nnx.Rngs | None = None) -> jax.Array:
     names = ("batch", "length", "act_heads", "act_kv")
     q_BLHK = constrain(self.query(x_BLD), names)
     k_BLHK = constrain(self.key(x_BLD), names)
     v_BLHK = constrain(self.value(x_BLD), names)
     if rngs is None or self.dropout_rate == 0.0:
-      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask=mask_B1LL)
+      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask=mask_B11L)
     else:
       scale = q_BLHK.shape[-1] ** -0.5
       logits_BHLL = jnp.einsum("bqhk,bthk->bhqt", q_BLHK * scale, k_BLHK)
-      logits_BHLL = jnp.where(mask_B1LL, logits_BHLL, jnp.finfo(logits_BHLL.dtype).min)
+      logits_BHLL = jnp.where(mask_B11L, logits_BHLL, jnp.finfo(logits_BHLL.dtype).min)
       probs_BHLL = jax.nn.softmax(logits_BHLL.astype(jnp.float32)).astype(v_BLHK.dtype)
       probs_BHLL = self.dropout(probs_BHLL, rngs=rngs)
       out_BLHK = jnp.einsum("bhqt,bthk->bqhk", probs_BHLL, v_BLHK)

@@ -44,6 +44,11 @@ class BertConfig:
   dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
   remat: bool = False  # recompute each layer's activations in the backward pass
 
+  def __post_init__(self):
+    if self.hidden % self.num_heads:
+      raise UserError(f"BertConfig.hidden={self.hidden} is not divisible by "
+                      f"num_heads={self.num_heads}")
+
 
 class BertLayer(nnx.Module):
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
@@ -57,10 +62,10 @@ class BertLayer(nnx.Module):
                               rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-  def __call__(self, h_BLD, mask_B1LL, rngs=None):
+  def __call__(self, h_BLD, mask_B11L, rngs=None):
     det = rngs is None
     a_BLD = self.attention_norm(
-        h_BLD + self.dropout(self.attention(h_BLD, mask_B1LL, rngs=rngs), rngs=rngs,
+        h_BLD + self.dropout(self.attention(h_BLD, mask_B11L, rngs=rngs), rngs=rngs,
                              deterministic=det))
     h_BLD = self.mlp_norm(a_BLD + self.dropout(self.mlp(a_BLD), rngs=rngs, deterministic=det))
     return constrain(h_BLD, ("batch", "length", "act_embed"))
@@ -90,12 +95,12 @@ class BertEncoder(nnx.Module):
              + self.type_embed(segment_ids_BL))
     h_BLD = self.dropout(self.embed_norm(h_BLD), rngs=rngs, deterministic=rngs is None)
     h_BLD = constrain(h_BLD, ("batch", "length", "act_embed"))
-    mask_B1LL = padding_mask(input_ids_BL != pad_id)
+    mask_B11L = padding_mask(input_ids_BL != pad_id)
     for layer in self.layers:
       if self.cfg.remat:
-        h_BLD = nnx.remat(lambda lyr, h, m, r: lyr(h, m, r))(layer, h_BLD, mask_B1LL, rngs)
+        h_BLD = nnx.remat(lambda lyr, h, m, r: lyr(h, m, r))(layer, h_BLD, mask_B11L, rngs)
       else:
-        h_BLD = layer(h_BLD, mask_B1LL, rngs)
+        h_BLD = layer(h_BLD, mask_B11L, rngs)
     return h_BLD
 
 
@@ -132,7 +137,8 @@ class BertForPretraining(nnx.Module):
 
 
 @gin.configurable
-def bert_for_pretraining(cfg: BertConfig = gin.REQUIRED, *, seed: int = 0) -> BertForPretraining:
+def bert_for_pretraining(seed: int, cfg: BertConfig = gin.REQUIRED) -> BertForPretraining:
+  """The trainer's model factory: `factory(seed) -> module` (the seed comes from train.seed)."""
   return BertForPretraining(cfg, rngs=nnx.Rngs(seed))
 
 

@@ -16,7 +16,6 @@ would weight only [MASK] positions, which is not BERT).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import gin
@@ -26,8 +25,8 @@ import numpy as np
 import optax
 import seqio
 import tensorflow as tf
-import tensorflow_text as tf_text
 
+from pretrain_jax.errors import UserError
 from pretrain_jax.objectives import masking, sentence_pairs
 
 
@@ -41,6 +40,17 @@ class MaskingConfig:
   random_prob: float = 0.1
   span_p: float = 0.2
   max_span_length: int = 10
+
+  def __post_init__(self):
+    if not 0 < self.mask_rate < 1:
+      raise UserError(f"MaskingConfig.mask_rate={self.mask_rate}; it must lie in (0, 1)")
+    if not (0 <= self.mask_prob and 0 <= self.random_prob and
+            self.mask_prob + self.random_prob <= 1):
+      raise UserError(f"MaskingConfig.mask_prob={self.mask_prob} and random_prob="
+                      f"{self.random_prob} must be >= 0 and sum to at most 1")
+    if not 0 < self.span_p <= 1 or self.max_span_length < 1:
+      raise UserError(f"MaskingConfig.span_p={self.span_p} must lie in (0, 1] and "
+                      f"max_span_length={self.max_span_length} be >= 1")
 
   def predictions(self, sequence_length: int) -> int:
     return self.max_predictions or math.ceil(sequence_length * self.mask_rate)
@@ -64,7 +74,6 @@ def tokenize_sentences(dataset, output_features):
     sentences = tf.strings.split(text, "\n")
     sentences = tf.boolean_mask(sentences, tf.strings.length(tf.strings.strip(sentences)) > 0)
     ids = vocab.encode_tf(sentences)
-    ids = tf.RaggedTensor.from_row_lengths(ids.flat_values, ids.row_lengths())  # to 2-D
     ids = tf.ragged.boolean_mask(ids, ids.row_lengths() > 0)
     return {"sentences": tf.cast(ids, tf.int32)}
 
@@ -94,7 +103,7 @@ def next_sentence_pairs(dataset, sequence_length, output_features, short_seq_pro
                         shuffle_buffer=1024):
   """BERT's sentence pairs: 50 % the true next segment, 50 % a segment of another document."""
   vocab = _vocab(output_features)
-  max_length = sequence_length["targets"]
+  max_length = _checked_length(sequence_length, minimum=5)  # [CLS] a [SEP] b [SEP]
   dataset = _attach_seed(dataset)
   others = dataset.map(lambda ex: ex["sentences"]).shuffle(shuffle_buffer, seed=_next_seed())
   others = others.repeat()
@@ -131,6 +140,14 @@ def next_sentence_pairs(dataset, sequence_length, output_features, short_seq_pro
   return tf.data.Dataset.zip((dataset, others)).flat_map(to_pairs)
 
 
+def _checked_length(sequence_length, minimum: int) -> int:
+  length = sequence_length["targets"]
+  if length < minimum:
+    raise UserError(f"sequence length {length} is too short for this objective "
+                    f"(at least {minimum})")
+  return length
+
+
 def _split_ragged(flat_values, row_splits) -> list[np.ndarray]:
   return np.split(np.asarray(flat_values, np.int32), np.asarray(row_splits)[1:-1])
 
@@ -139,7 +156,7 @@ def _split_ragged(flat_values, row_splits) -> list[np.ndarray]:
 def full_sentences(dataset, sequence_length, output_features):
   """RoBERTa's FULL-SENTENCES: contiguous sentences packed up to the length, across documents."""
   vocab = _vocab(output_features)
-  max_length = sequence_length["targets"]
+  max_length = _checked_length(sequence_length, minimum=3)  # [CLS] x [SEP]
 
   def generate():
     ragged = dataset.map(lambda ex: (ex["sentences"].flat_values, ex["sentences"].row_splits))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from pretrain_jax import config
@@ -46,19 +47,19 @@ def _split_params(model: nnx.Module):
 class Setup:
   """Mesh, model graph, optimizer, shardings and the jitted step/eval functions."""
 
-  def __init__(self, model_factory: Callable[[], nnx.Module], loss_fn, num_steps: int,
+  def __init__(self, model_factory: Callable[[int], nnx.Module], loss_fn, num_steps: int,
                num_microbatches: int = 1, seed: int = 0):
     self.mesh = partitioning.make_mesh()
     self.rules = partitioning.logical_axis_rules()
     self.loss_fn, self.num_microbatches = loss_fn, num_microbatches
     self.tx, self.schedule = optimizers.make_optimizer(num_steps)
-    abstract_model = nnx.eval_shape(model_factory)
+    abstract_model = nnx.eval_shape(lambda: model_factory(seed))
     self.graphdef, _ = _split_params(abstract_model)
     self.flops_per_token = getattr(abstract_model, "train_flops_per_token", None)
     self.model_config = getattr(abstract_model, "cfg", None)
 
     def init() -> TrainState:
-      _, params = _split_params(model_factory())
+      _, params = _split_params(model_factory(seed))
       return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
     self.abstract_state = jax.eval_shape(init)
@@ -104,9 +105,10 @@ class Setup:
         (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
         return jax.tree.map(jnp.add, carry, (g, m)), None
 
-      zeros = jax.eval_shape(lambda: grad_fn(
-          state.params, jax.tree.map(lambda x: x[0], micro), key))
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+      metric_shapes = jax.eval_shape(self._loss, state.params,
+                                     jax.tree.map(lambda x: x[0], micro), key)[1]
+      zeros = (jax.tree.map(jnp.zeros_like, state.params),
+               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
       (grads, metrics), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(self.num_microbatches), micro))
       grads = jax.tree.map(lambda g: g / self.num_microbatches, grads)
@@ -137,6 +139,26 @@ class Setup:
     with self.context():
       return metrics_lib.reduce([self._eval(state.params, self.batch_to_device(b))
                                  for b in batches])
+
+
+def _all_hosts_positions(position: dict) -> dict:
+  """Every host's data position (hosts reading their own source shard drift apart)."""
+  if jax.process_count() == 1:
+    return position
+  keys = sorted(position)
+  rows = multihost_utils.process_allgather(np.array([position[k] for k in keys]))
+  return {**position, "hosts": [dict(zip(keys, map(int, row))) for row in rows]}
+
+
+def _this_hosts_position(saved: dict) -> dict:
+  hosts = saved.get("hosts")
+  if hosts is None:
+    return saved
+  if len(hosts) != jax.process_count():
+    print(f"warning: the checkpoint was written by {len(hosts)} hosts, this run has "
+          f"{jax.process_count()}: each host resumes from host 0's data position")
+    return hosts[0]
+  return hosts[jax.process_index()]
 
 
 def _absolute(path: str) -> str:
@@ -182,17 +204,27 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
   """
   stage_list = _stages(sequence_length, num_steps, stages)
   total_steps = sum(n for n, _ in stage_list)
+  for name, value in dict(batch_size=batch_size, log_every=log_every,
+                          checkpoint_every=checkpoint_every, eval_batches=eval_batches,
+                          num_microbatches=num_microbatches, num_steps=total_steps).items():
+    if not isinstance(value, int) or value < 1:
+      raise UserError(f"train.{name}={value!r}; it must be a positive integer")
   if batch_size % num_microbatches:
     raise UserError(f"batch_size {batch_size} is not divisible by num_microbatches "
                     f"{num_microbatches}")
   model_dir = _absolute(model_dir)
   os.makedirs(model_dir, exist_ok=True)
   setup = Setup(model, loss_fn, total_steps, num_microbatches, seed)
+  batch_shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+  if batch_size % batch_shards:
+    raise UserError(f"batch size {batch_size} does not split over data x fsdp = "
+                    f"{batch_shards} devices; make it a multiple of {batch_shards}")
   _check_vocabulary(task, setup)
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep_checkpoints)
   restored = ckpt.restore(setup.abstract_with_shardings())
   if restored:
     state, position = restored
+    position = _this_hosts_position(position)
     if int(state.step) >= total_steps:
       ckpt.close()
       print(f"{model_dir} is already trained to step {int(state.step)} of {total_steps}: "
@@ -251,6 +283,7 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
                           **({"mfu": f"{values['mfu']:.1%}"} if "mfu" in values else {}))
           window, t0, tokens = [], time.perf_counter(), 0
         bar.update(1)
+        paused = time.perf_counter()  # eval and checkpoint time is not training throughput
         if held_out and (step % eval_every == 0 or step == total_steps):
           last["eval"] = setup.evaluate(state, held_out)
           writer.write(step, eval_split, last["eval"])
@@ -260,7 +293,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
                 f"parameters are not finite at step {step}; stopping without saving this "
                 f"state (last checkpoint: step {ckpt.latest_step()}). Lower the learning "
                 "rate or check the data")
-          ckpt.save(step, state, {"stage": stage_index, **data.position})
+          ckpt.save(step, state, _all_hosts_positions({"stage": stage_index, **data.position}))
+        t0 += time.perf_counter() - paused
       stage_start = stage_end
       position = {"stage": stage_index + 1, "epoch": 0, "batch": 0}
   finally:
