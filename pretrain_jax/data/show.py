@@ -66,9 +66,9 @@ def main(task: str | None, split: str, num: int, as_json: bool, list_tasks: bool
   if not task:
     raise UserError("show-data needs --task NAME (see show-data --list)")
   length = sequence_length or config.bound("train.sequence_length") or 128
-  vocab = _vocabulary(task) if task in seqio.TaskRegistry.names() or \
-      task in seqio.MixtureRegistry.names() else None
-  for i, example in enumerate(examples(task, split, num, length)):
+  rows = examples(task, split, num, length)  # checks the task and split first
+  vocab = _vocabulary(task)
+  for i, example in enumerate(rows):
     row = _row(example, vocab)
     if as_json:
       print(json.dumps(row))
