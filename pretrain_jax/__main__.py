@@ -1,6 +1,7 @@
 """Command line: python -m pretrain_jax VERB --gin_file=F [--gin.NAME=VALUE ...] [flags].
 
-Verbs: train, eval, show-data. Bad input ends in one line on stderr and exit status 2.
+Verbs: train, eval, show-data, generate, icl. Bad input ends in one line on stderr and exit
+status 2. eval, generate and icl read MODEL_DIR/config.gin when no --gin_file is given.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow only feeds data here
 
-VERBS = ("train", "eval", "show-data")
+VERBS = ("train", "eval", "show-data", "generate", "icl")
 
 
 def _parse(argv):
@@ -24,12 +25,27 @@ def _parse(argv):
   parser.add_argument("--model_dir", help="checkpoints, metrics.jsonl, TensorBoard, config.gin")
   parser.add_argument("--task", help="show-data: task or mixture name")
   parser.add_argument("--split", help="show-data: default train; eval: default validation")
-  parser.add_argument("--num", type=int, default=3, help="show-data: examples to print")
+  parser.add_argument("--num", type=int, default=None,
+                      help="show-data: examples to print (3); icl: examples to evaluate (all)")
   parser.add_argument("--sequence_length", type=int, default=None,
                       help="show-data: length (default: train.sequence_length or 128)")
   parser.add_argument("--json", action="store_true", help="show-data: one JSON object a line")
   parser.add_argument("--list", action="store_true", help="show-data: list tasks and mixtures")
   parser.add_argument("--no_progress", action="store_true", help="train: no progress bar")
+  gen = parser.add_argument_group("generate")
+  gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+  gen.add_argument("--prompt_file", help="one prompt per line")
+  gen.add_argument("--max_new_tokens", type=int, default=40)
+  gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  gen.add_argument("--top_k", type=int, default=0, help="0: no top-k filter")
+  gen.add_argument("--top_p", type=float, default=1.0, help="1.0: no nucleus filter")
+  gen.add_argument("--seed", type=int, default=0)
+  icl = parser.add_argument_group("icl (in-context learning; --task, --split, --num, --json too)")
+  icl.add_argument("--shots", type=int, default=4)
+  icl.add_argument("--mode", choices=("classify", "generate"), default="classify")
+  icl.add_argument("--template", default="{inputs} -> {targets}")
+  icl.add_argument("--separator", default="\n")
+  icl.add_argument("--max_input_words", type=int, default=24)
   parser.add_argument("--coordinator_address", help="multi-host: host:port of process 0 "
                       "(jax.distributed; TPU pods and SLURM can omit it with --multi_host)")
   parser.add_argument("--num_processes", type=int)
@@ -68,7 +84,13 @@ def main(argv=None) -> int:
       import jax
       jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     from pretrain_jax.config import configure
-    configure(args.gin_file, bindings)
+    gin_files = args.gin_file
+    if not gin_files and args.verb in ("eval", "generate", "icl") and args.model_dir:
+      saved = os.path.join(args.model_dir, "config.gin")
+      if not os.path.exists(saved):
+        raise UserError(f"{args.verb}: no --gin_file and no {saved}")
+      gin_files = [saved]
+    configure(gin_files, bindings)
     if args.verb == "train":
       from pretrain_jax.training import trainer
       if not args.model_dir:
@@ -82,8 +104,19 @@ def main(argv=None) -> int:
       print(json.dumps(trainer.evaluate_checkpoint(args.model_dir, args.split or "validation")))
     elif args.verb == "show-data":
       from pretrain_jax.data import show
-      show.main(task=args.task, split=args.split or "train", num=args.num, as_json=args.json,
-                list_tasks=args.list, sequence_length=args.sequence_length)
+      show.main(task=args.task, split=args.split or "train", num=args.num or 3,
+                as_json=args.json, list_tasks=args.list, sequence_length=args.sequence_length)
+    elif args.verb in ("generate", "icl"):
+      if not args.model_dir:
+        raise UserError(f"{args.verb} needs --model_dir (a trained run)")
+      from pretrain_jax.inference import cli
+      if args.verb == "generate":
+        cli.generate(args.model_dir, args.prompt, args.prompt_file, args.max_new_tokens,
+                     args.temperature, args.top_k, args.top_p, args.seed, args.json)
+      else:
+        cli.icl(args.model_dir, args.task, args.split or "validation", args.shots, args.mode,
+                args.template, args.separator.encode().decode("unicode_escape"),
+                args.max_input_words, args.num, args.seed, args.json)
   except UserError as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # gin appends a context line
     rc = 2

@@ -28,6 +28,21 @@ from pretrain_jax.errors import UserError
 HOST_SHARDING = ("source", "batch")
 
 
+@gin.configurable
+def feature_lengths(sequence_length: int, targets_length: int | None = None) -> dict[str, int]:
+  """Task feature lengths for a model sequence of `sequence_length` tokens.
+
+  By default both features get the full length (masked LM, causal LM). Text-to-text finetuning
+  of a decoder-only model sets `targets_length`: inputs ++ targets then fill one sequence.
+  """
+  if targets_length is None:
+    return {"inputs": sequence_length, "targets": sequence_length}
+  if not 0 < targets_length < sequence_length:
+    raise UserError(f"feature_lengths.targets_length={targets_length} must lie between 0 and "
+                    f"the sequence length {sequence_length}")
+  return {"inputs": sequence_length - targets_length, "targets": targets_length}
+
+
 def _dataset(task: str, feature_lengths: dict, converter, split: str, seed: int | None,
              shuffle: bool, shard: seqio.ShardInfo | None = None):
   if task not in seqio.TaskRegistry.names() and task not in seqio.MixtureRegistry.names():

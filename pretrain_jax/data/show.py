@@ -28,14 +28,22 @@ def _vocabulary(task: str):
 
 def examples(task: str, split: str, num: int, sequence_length: int, seed: int = 0):
   """The first `num` converted examples of `task` (numpy dicts), unbatched."""
-  lengths = {"inputs": sequence_length, "targets": sequence_length}
+  lengths = pipeline.feature_lengths(sequence_length)
   ds = pipeline._dataset(task, lengths, _converter(), split, seed, shuffle=False)  # pylint: disable=protected-access
   return list(ds.take(num).as_numpy_iterator())
 
 
+TOKEN_FEATURES = ("inputs", "targets", "tokens", "decoder_input_tokens", "decoder_target_tokens")
+
+
 def _row(example: dict, vocab) -> dict:
-  """Features trimmed to the non-padding length, plus decoded text for id features."""
-  length = int(np.sum(example["targets"] != vocab.pad_id)) if "targets" in example else None
+  """Features trimmed to the non-padding length, plus decoded text for token features."""
+  length = None
+  for name in ("targets", "decoder_target_tokens", "tokens"):
+    if name in example:
+      nonpad = np.flatnonzero(np.asarray(example[name]) != vocab.pad_id)
+      length = int(nonpad[-1]) + 1 if nonpad.size else 0
+      break
   row = {}
   for name, value in example.items():
     value = np.asarray(value)
@@ -44,14 +52,20 @@ def _row(example: dict, vocab) -> dict:
       continue
     value = value[:length]
     row[name] = value.tolist()
-    if name in ("inputs", "targets"):
+    if name in TOKEN_FEATURES:
       row[f"{name}_text"] = " ".join(_token(vocab, int(i)) for i in value)
   return row
 
 
 def _token(vocab, token_id: int) -> str:
+  """The token's own spelling: a WordPiece, a SentencePiece piece (▁ marks a word start)."""
   tokens = getattr(vocab, "tokens", None)
-  return tokens[token_id] if tokens is not None else vocab.decode([token_id])
+  if tokens is not None:
+    return tokens[token_id]
+  pieces = getattr(getattr(vocab, "tokenizer", None), "id_to_piece", None)
+  if pieces is not None and token_id < vocab.vocab_size - getattr(vocab, "extra_ids", 0):
+    return pieces(token_id)
+  return vocab.decode([token_id])
 
 
 def main(task: str | None, split: str, num: int, as_json: bool, list_tasks: bool,

@@ -5,6 +5,10 @@ Importing this module registers:
   bbc_bert_wwm   BERT with whole-word masking
   bbc_roberta    RoBERTa: FULL-SENTENCES packing, no NSP, dynamic masking
   bbc_spanbert   SpanBERT: FULL-SENTENCES, no NSP, geometric span masking (p = 0.2, max 10)
+  bbc_lm         causal LM (GPT): whole documents + EOS, cut into chunks of L, packed
+  bbc_topic      text-to-text topic classification: inputs = article, targets = topic word,
+                 label = 0..4 (business, entertainment, politics, sport, tech)
+  bbc_topic_gpt  bbc_topic in GPT's finetuning format: inputs = [START] article [EXTRACT]
 Masks are drawn per epoch (the trainer passes seed + epoch), so every task masks dynamically.
 Users' text: `local_text_task(pattern=..., separator=..., objective=...)`, selected from gin.
 """
@@ -19,7 +23,7 @@ import tensorflow as tf
 
 from pretrain_jax.data import corpora, vocabularies
 from pretrain_jax.errors import UserError
-from pretrain_jax.objectives import masked_lm
+from pretrain_jax.objectives import causal_lm, classification, masked_lm
 
 MLM_OBJECTIVES = {
     # name: (segment construction, masking unit)
@@ -30,16 +34,24 @@ MLM_OBJECTIVES = {
 }
 
 
-def _texts_source(texts_of_split, num_examples: dict[str, int]) -> seqio.DataSource:
-  """A SeqIO source of {"text"} documents; shuffled per seed when the trainer asks."""
+def _records_source(records_of_split, num_examples: dict[str, int]) -> seqio.DataSource:
+  """A SeqIO source of in-memory records (a dict of equal-length lists per split), shuffled
+  per seed when the trainer asks."""
   def dataset_fn(split, shuffle_files, seed=None):
-    texts = texts_of_split(split)
-    ds = tf.data.Dataset.from_tensor_slices(tf.constant(texts, tf.string))
+    records = records_of_split(split)
+    ds = tf.data.Dataset.from_tensor_slices(records)
     if shuffle_files:  # documents of one topic sit together: shuffle them all, not a window
-      ds = ds.shuffle(max(len(texts), 1), seed=seed, reshuffle_each_iteration=False)
-    return ds.map(lambda t: {"text": t})
+      size = len(next(iter(records.values())))
+      ds = ds.shuffle(max(size, 1), seed=seed, reshuffle_each_iteration=False)
+    return ds
   return seqio.FunctionDataSource(dataset_fn, splits=tuple(num_examples),
                                   num_input_examples=num_examples)
+
+
+def _texts_source(texts_of_split, num_examples: dict[str, int]) -> seqio.DataSource:
+  """A SeqIO source of {"text"} documents."""
+  return _records_source(lambda split: {"text": tf.constant(texts_of_split(split), tf.string)},
+                         num_examples)
 
 
 def _mlm_task(name: str, source: seqio.DataSource, objective: str, vocabulary) -> seqio.Task:
@@ -56,12 +68,44 @@ def _bbc_texts(split):
   return [a["text"] for a in corpora.bbc_articles(split)]
 
 
+def _lm_task(name: str, source: seqio.DataSource, vocabulary) -> seqio.Task:
+  return seqio.TaskRegistry.add(
+      name, source=source,
+      preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+                     seqio.preprocessors.tokenize, seqio.preprocessors.append_eos,
+                     causal_lm.split_to_length],
+      output_features={"targets": seqio.Feature(vocabulary, add_eos=True)})
+
+
+def _bbc_topics(split):
+  articles = corpora.bbc_articles(split)
+  return {"inputs": tf.constant([" ".join(a["text"].split()) for a in articles], tf.string),
+          "targets": tf.constant([a["topic"] for a in articles], tf.string),
+          "label": tf.constant([a["label"] for a in articles], tf.int32)}
+
+
+def _topic_task(name: str, source: seqio.DataSource, vocabulary, gpt_format: bool):
+  preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos]
+  if gpt_format:
+    preprocessors.append(classification.gpt_format)
+  return seqio.TaskRegistry.add(
+      name, source=source, preprocessors=preprocessors,
+      output_features={"inputs": seqio.Feature(vocabulary, add_eos=False),
+                       "targets": seqio.Feature(vocabulary, add_eos=True)},
+      metric_fns=[])
+
+
 def register_bbc_tasks() -> None:
   counts = {s: len(corpora.bbc_articles(s)) for s in corpora.SPLITS}
   source = _texts_source(_bbc_texts, counts)
   for objective in MLM_OBJECTIVES:
     if f"bbc_{objective}" not in seqio.TaskRegistry.names():
       _mlm_task(f"bbc_{objective}", source, objective, vocabularies.bbc_wordpiece())
+  if "bbc_lm" not in seqio.TaskRegistry.names():
+    _lm_task("bbc_lm", source, vocabularies.bbc_sentencepiece())
+    topics = _records_source(_bbc_topics, counts)
+    _topic_task("bbc_topic", topics, vocabularies.bbc_sentencepiece(), gpt_format=False)
+    _topic_task("bbc_topic_gpt", topics, vocabularies.bbc_sentencepiece(), gpt_format=True)
 
 
 @gin.configurable

@@ -1,10 +1,12 @@
-"""Multi-head dot-product attention with heads as a logical axis."""
+"""Multi-head dot-product attention: heads as a logical axis, grouped-query keys and values,
+optional rotary positions, and a key/value cache for incremental decoding."""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from pretrain_jax.layers.linear import Dense
+from pretrain_jax.layers.rope import apply_rope
 from pretrain_jax.training.partitioning import constrain
 
 
@@ -13,39 +15,82 @@ def padding_mask(valid_BL: jax.Array) -> jax.Array:
   return valid_BL[:, None, None, :]
 
 
-class MultiHeadAttention(nnx.Module):
-  """softmax(Q Kᵀ / √d_k) V over H heads (Vaswani et al. 2017), projections with biases.
+def causal_mask(segment_ids_BL: jax.Array) -> jax.Array:
+  """[B, 1, L, L]: query i sees key j ≤ i of its own document (segment 0 is padding).
 
-  Without attention dropout it calls `jax.nn.dot_product_attention` (fused kernels on GPU);
-  with dropout it spells the softmax out, since the fused call cannot drop probabilities.
+  Packed rows hold several documents; none of them may attend across its boundary.
+  """
+  length = segment_ids_BL.shape[1]
+  causal_LL = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+  same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+  return (causal_LL & same_BLL & (segment_ids_BL != 0)[:, None, :])[:, None]
+
+
+class MultiHeadAttention(nnx.Module):
+  """softmax(Q Kᵀ / √d_k) V over H heads (Vaswani et al. 2017).
+
+  `num_kv_heads` < `num_heads` is grouped-query attention (Ainslie et al. 2023): each key/value
+  head serves num_heads / num_kv_heads query heads. With `rope_theta`, queries and keys are
+  rotated by their positions. Without attention dropout it calls `jax.nn.dot_product_attention`
+  (fused kernels on GPU); with dropout it spells the softmax out, since the fused call cannot
+  drop probabilities.
   """
 
-  def __init__(self, features: int, num_heads: int, *, head_dim: int | None = None,
+  def __init__(self, features: int, num_heads: int, *, num_kv_heads: int | None = None,
+               head_dim: int | None = None, rope_theta: float | None = None,
                dropout_rate: float = 0.0, use_bias: bool = True, init_std: float = 0.02,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               out_init_std: float | None = None, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     head_dim = head_dim or features // num_heads
+    num_kv_heads = num_kv_heads or num_heads
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     dense = dict(use_bias=use_bias, init_std=init_std, dtype=dtype, param_dtype=param_dtype,
                  rngs=rngs)
     self.query = Dense(features, (num_heads, head_dim), ("embed", "heads", "kv"), **dense)
-    self.key = Dense(features, (num_heads, head_dim), ("embed", "heads", "kv"), **dense)
-    self.value = Dense(features, (num_heads, head_dim), ("embed", "heads", "kv"), **dense)
-    self.out = Dense((num_heads, head_dim), features, ("heads", "kv", "embed"), **dense)
+    self.key = Dense(features, (num_kv_heads, head_dim), ("embed", "heads", "kv"), **dense)
+    self.value = Dense(features, (num_kv_heads, head_dim), ("embed", "heads", "kv"), **dense)
+    self.out = Dense((num_heads, head_dim), features, ("heads", "kv", "embed"),
+                     **{**dense, "init_std": out_init_std or init_std})
     self.dropout = nnx.Dropout(dropout_rate)
-    self.dropout_rate = dropout_rate
+    self.dropout_rate, self.rope_theta = dropout_rate, rope_theta
 
-  def __call__(self, x_BLD: jax.Array, mask_B11L: jax.Array, *,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array, *,
+               positions_BL: jax.Array | None = None,
+               cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+               rngs: nnx.Rngs | None = None):
+    """Returns (output, (keys, values)).
+
+    `cache` = (keys_BSHK, values_BSHK, index): this call's keys and values are written at
+    slots index … index + L − 1 and the queries attend over all S slots (as `mask_B1LS`
+    allows); the updated arrays are returned. Without a cache, S = L.
+    """
     names = ("batch", "length", "act_heads", "act_kv")
     q_BLHK = constrain(self.query(x_BLD), names)
-    k_BLHK = constrain(self.key(x_BLD), names)
-    v_BLHK = constrain(self.value(x_BLD), names)
+    k_BLGK = constrain(self.key(x_BLD), names)
+    v_BLGK = constrain(self.value(x_BLD), names)
+    if self.rope_theta is not None:
+      if positions_BL is None:
+        positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
+      q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
+      k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
+    if cache is not None:
+      keys_BSGK, values_BSGK, index = cache
+      k_BLGK = jax.lax.dynamic_update_slice(keys_BSGK, k_BLGK.astype(keys_BSGK.dtype),
+                                            (0, index, 0, 0))
+      v_BLGK = jax.lax.dynamic_update_slice(values_BSGK, v_BLGK.astype(values_BSGK.dtype),
+                                            (0, index, 0, 0))
+    k_BSGK, v_BSGK = k_BLGK.astype(q_BLHK.dtype), v_BLGK.astype(q_BLHK.dtype)
     if rngs is None or self.dropout_rate == 0.0:
-      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask=mask_B11L)
+      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS)
     else:
+      groups = q_BLHK.shape[2] // k_BSGK.shape[2]
+      k_BSHK, v_BSHK = (jnp.repeat(t, groups, axis=2) for t in (k_BSGK, v_BSGK))
       scale = q_BLHK.shape[-1] ** -0.5
-      logits_BHLL = jnp.einsum("bqhk,bthk->bhqt", q_BLHK * scale, k_BLHK)
-      logits_BHLL = jnp.where(mask_B11L, logits_BHLL, jnp.finfo(logits_BHLL.dtype).min)
-      probs_BHLL = jax.nn.softmax(logits_BHLL.astype(jnp.float32)).astype(v_BLHK.dtype)
-      probs_BHLL = self.dropout(probs_BHLL, rngs=rngs)
-      out_BLHK = jnp.einsum("bhqt,bthk->bqhk", probs_BHLL, v_BLHK)
-    return constrain(self.out(out_BLHK), ("batch", "length", "act_embed"))
+      logits_BHLS = jnp.einsum("bqhk,bthk->bhqt", q_BLHK * scale, k_BSHK)
+      logits_BHLS = jnp.where(mask_B1LS, logits_BHLS, jnp.finfo(logits_BHLS.dtype).min)
+      probs_BHLS = jax.nn.softmax(logits_BHLS.astype(jnp.float32)).astype(v_BSHK.dtype)
+      probs_BHLS = self.dropout(probs_BHLS, rngs=rngs)
+      out_BLHK = jnp.einsum("bhqt,bthk->bqhk", probs_BHLS, v_BSHK)
+    out_BLD = constrain(self.out(out_BLHK), ("batch", "length", "act_embed"))
+    return out_BLD, (k_BLGK, v_BLGK)

@@ -52,3 +52,13 @@ class LayerNorm(nnx.LayerNorm):
                      scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
                      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)),
                      rngs=rngs)
+
+
+class RMSNorm(nnx.RMSNorm):
+  """x / RMS(x) · g (Zhang & Sennrich 2019): no mean, no bias; the scale follows `embed`."""
+
+  def __init__(self, features: int, *, epsilon: float = 1e-6, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                     scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
+                     rngs=rngs)

@@ -65,7 +65,7 @@ class BertLayer(nnx.Module):
   def __call__(self, h_BLD, mask_B11L, rngs=None):
     det = rngs is None
     a_BLD = self.attention_norm(
-        h_BLD + self.dropout(self.attention(h_BLD, mask_B11L, rngs=rngs), rngs=rngs,
+        h_BLD + self.dropout(self.attention(h_BLD, mask_B11L, rngs=rngs)[0], rngs=rngs,
                              deterministic=det))
     h_BLD = self.mlp_norm(a_BLD + self.dropout(self.mlp(a_BLD), rngs=rngs, deterministic=det))
     return constrain(h_BLD, ("batch", "length", "act_embed"))

@@ -32,6 +32,8 @@ def reduce(metric_sums: list[dict]) -> dict[str, float]:
     num = sum(float(m[name][0]) for m in host)
     den = sum(float(m[name][1]) for m in host)
     out[name] = num / den if den else float("nan")
+  if "log_perplexity" in out:  # a language model's token-mean cross-entropy, in nats
+    out["perplexity"] = float(np.exp(out.pop("log_perplexity")))
   return out
 
 
@@ -74,8 +76,8 @@ def read(model_dir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot(model_dir: str, keys: tuple[str, ...] = ("loss", "mlm_accuracy", "nsp_accuracy",
-                                                  "learning_rate")) -> str | None:
+def plot(model_dir: str, keys: tuple[str, ...] = ("loss", "perplexity", "accuracy", "mlm_accuracy",
+                                                  "nsp_accuracy", "learning_rate")) -> str | None:
   """Writes MODEL_DIR/metrics.png: train and held-out curves of the logged metrics."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")

@@ -1,4 +1,4 @@
-"""Optimizers and schedules by gin: BERT's AdamW recipe, LAMB as an option."""
+"""Optimizers and schedules by gin: BERT's AdamW recipe, LAMB as an option, GPT-3's cosine."""
 
 import gin
 import jax
@@ -17,6 +17,15 @@ def warmup_linear_decay(num_steps: int, learning_rate: float = 1e-4, warmup_step
       [optax.linear_schedule(0.0, learning_rate, warmup_steps),
        optax.linear_schedule(learning_rate, 0.0, max(decay_steps - warmup_steps, 1))],
       boundaries=[warmup_steps])
+
+
+@gin.configurable
+def warmup_cosine_decay(num_steps: int, learning_rate: float = 6e-4, warmup_steps: int = 2000,
+                        final_fraction: float = 0.1) -> optax.Schedule:
+  """GPT-3 (Brown et al. 2020): linear warmup, then cosine decay to 10 % of the peak."""
+  warmup_steps = min(warmup_steps, max(num_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(num_steps, 1),
+                                            end_value=learning_rate * final_fraction)
 
 
 def decay_mask(params):

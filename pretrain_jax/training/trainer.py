@@ -180,6 +180,20 @@ def _check_vocabulary(task: str, setup: Setup) -> None:
                       f"{feature.vocabulary.vocab_size}")
 
 
+def _initialise_from(setup: Setup, state: TrainState, init_from: str) -> TrainState:
+  source = checkpoints.Checkpointer(os.path.join(_absolute(init_from), "checkpoints"))
+  try:
+    restored, new = source.restore_params(setup.abstract_with_shardings().params)
+  finally:
+    source.close()
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(state.params)
+  params = treedef.unflatten([restored.get("params/" + checkpoints.path_str(path), x)
+                              for path, x in leaves])
+  print(f"Initialised {len(restored)} parameter arrays from {init_from}; newly initialised: "
+        f"{', '.join(p[len('params/'):] for p in new) or 'none'}")
+  return TrainState(state.step, params, state.opt_state)
+
+
 def _stages(sequence_length: int | None, num_steps: int | None,
             stages: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
   """[(num_steps, sequence_length), ...]: BERT trains 90 % of steps at 128, then 10 % at 512."""
@@ -197,8 +211,12 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
           stages: Sequence[tuple[int, int]] | None = None, num_microbatches: int = 1,
           log_every: int = 50, eval_every: int = 500, eval_batches: int = 10,
           eval_split: str = "validation", checkpoint_every: int = 1000,
-          keep_checkpoints: int = 3, seed: int = 0, progress: bool = True) -> dict:
+          keep_checkpoints: int = 3, seed: int = 0, init_from: str | None = None,
+          progress: bool = True) -> dict:
   """Trains `model` on `task` into `model_dir` (resuming from its latest checkpoint).
+
+  `init_from`: another run's model_dir whose latest parameters start this run (finetuning);
+  parameters it lacks (a new head) keep their fresh initialisation. Ignored when resuming.
 
   Returns the last logged train and eval metrics.
   """
@@ -233,6 +251,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
     print(f"Resuming from step {int(state.step)} in {model_dir}")
   else:
     state, position = setup.init_state(), {"stage": 0, "epoch": 0, "batch": 0}
+    if init_from:
+      state = _initialise_from(setup, state, init_from)
   if jax.process_index() == 0:  # only now: a refused model_dir keeps the config it was made by
     with open(os.path.join(model_dir, "config.gin"), "w") as f:
       f.write(gin.config_str())
@@ -250,7 +270,7 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
       if step >= stage_end:
         stage_start = stage_end
         continue
-      lengths = {"inputs": length, "targets": length}
+      lengths = pipeline.feature_lengths(length)
       start = position if position.get("stage", 0) == stage_index else None
       data = pipeline.TrainBatches(task, lengths, feature_converter, batch_size, seed,
                                    position=start and {"epoch": start["epoch"],
@@ -331,7 +351,7 @@ def evaluate_checkpoint(model_dir: str, split: str = "validation") -> dict:
     raise UserError(f"no checkpoint in {model_dir}/checkpoints")
   state, _ = restored
   length = stage_list[-1][1]
-  batches = pipeline.eval_batches(q("task"), {"inputs": length, "targets": length},
+  batches = pipeline.eval_batches(q("task"), pipeline.feature_lengths(length),
                                   q("feature_converter"), q("batch_size", 32),
                                   q("eval_batches", 10), split)
   return {"step": int(state.step), "split": split, **setup.evaluate(state, batches)}

@@ -1,0 +1,57 @@
+"""The `generate` and `icl` verbs: a trained model_dir in, text or accuracy out."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from pretrain_jax.errors import UserError
+from pretrain_jax.inference import decoding, in_context, loading
+from pretrain_jax.inference.sampling import Sampling
+
+
+def _prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
+  prompts = list(prompts)
+  if prompt_file:
+    if not os.path.exists(prompt_file):
+      raise UserError(f"--prompt_file={prompt_file}: no such file")
+    with open(prompt_file, encoding="utf-8") as f:
+      prompts += [line.rstrip("\n") for line in f if line.strip()]
+  if not prompts:
+    raise UserError("generate needs --prompt TEXT (repeatable) or --prompt_file FILE")
+  return prompts
+
+
+def generate(model_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, top_p, seed,
+             as_json) -> None:
+  prompts = _prompts(prompts, prompt_file)
+  sampling = Sampling(temperature, top_k, top_p)
+  model, vocabulary, step = loading.load(model_dir)
+  ids = [[in_context.BOS_ID] + list(vocabulary.encode(p)) for p in prompts]
+  outputs = decoding.generate(model, ids, max_new_tokens, sampling=sampling,
+                              eos_id=vocabulary.eos_id, seed=seed)
+  for prompt, out in zip(prompts, outputs):
+    text = vocabulary.decode(out)
+    if as_json:
+      print(json.dumps({"prompt": prompt, "continuation": text, "tokens": out, "step": step}))
+    else:
+      print(f"{prompt} ▸ {text}")
+
+
+def icl(model_dir, task, split, shots, mode, template, separator, max_input_words, num, seed,
+        as_json) -> None:
+  if not task:
+    raise UserError("icl needs --task NAME (a text-to-text task, e.g. bbc_topic)")
+  model, vocabulary, step = loading.load(model_dir)
+  result = in_context.evaluate(
+      model, vocabulary, task, shots=shots, split=split, mode=mode, num_examples=num, seed=seed,
+      template=in_context.Template(template, separator, max_input_words or None))
+  result["step"] = step
+  if as_json:
+    print(json.dumps(result))
+    return
+  print(f"{shots}-shot {mode} on {task}/{split} ({result['examples']} examples, step {step}): "
+        f"accuracy {result['accuracy']:.3f}  (majority class {result['majority_baseline']:.3f}"
+        + (f", chance {result['chance']:.3f})" if result["chance"] else ")"))
+  print(f"predictions: {result['predicted']}")
+  print("first prompt:\n" + result["first_prompt"])

@@ -1,0 +1,276 @@
+"""Decoder-only Transformers: GPT-1, GPT-2 and a modern (Llama-style) decoder in one module.
+
+    h⁰ = E_tok[x] (+ E_pos[i] with learned positions)
+    GPT-1, post-LN:   a = LN(h + Attn(h));     h' = LN(a + MLP(a))
+    GPT-2, pre-LN:    a = h + Attn(LN(h));     h' = a + MLP(LN(a));    final LN
+    modern:           pre-RMSNorm, RoPE on q and k, SwiGLU MLP, grouped-query attention, no biases
+    p(x_{i+1} | x_≤i) = softmax(h_i W_outᵀ),   W_out = E_tok when tied
+
+Attention is causal and never crosses a packed document boundary. `decode` runs the same
+network over a key/value cache (prefill, then one token at a time); inference/decoding.py
+drives it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pretrain_jax.errors import UserError
+from pretrain_jax.layers.attention import MultiHeadAttention, causal_mask
+from pretrain_jax.layers.linear import Dense, Embed, LayerNorm, RMSNorm
+from pretrain_jax.layers.mlp import GatedMlp, Mlp
+from pretrain_jax.training.partitioning import constrain
+
+NORMS = ("post_layernorm", "pre_layernorm", "pre_rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class GptConfig:
+  vocab_size: int = 50257
+  hidden: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  num_kv_heads: int | None = None  # None: as many as query heads; fewer: grouped-query attention
+  head_dim: int | None = None  # None: hidden // num_heads
+  mlp_dim: int = 3072
+  max_positions: int = 1024
+  norm: str = "pre_layernorm"  # GPT-1: post_layernorm; GPT-2: pre_layernorm; modern: pre_rmsnorm
+  positions: str = "learned"  # or "rope"
+  rope_theta: float = 10_000.0
+  mlp: str = "gelu"  # GELU (tanh approximation, as GPT) or "swiglu"
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.1  # embeddings, residual branches and attention probabilities
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  scale_residual_init: bool = True  # GPT-2: residual projections start at std / √(2·layers)
+  dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
+  remat: bool = False
+
+  def __post_init__(self):
+    checks = [(self.norm in NORMS, f"norm={self.norm!r}; valid: {NORMS}"),
+              (self.positions in POSITIONS, f"positions={self.positions!r}; valid: {POSITIONS}"),
+              (self.mlp in MLPS, f"mlp={self.mlp!r}; valid: {MLPS}"),
+              (self.head_dim or not self.hidden % self.num_heads,
+               f"hidden={self.hidden} is not divisible by num_heads={self.num_heads}"),
+              (not self.num_heads % (self.num_kv_heads or self.num_heads),
+               f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
+               f"{self.num_kv_heads}")]
+    for ok, message in checks:
+      if not ok:
+        raise UserError(f"GptConfig.{message}")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.hidden // self.num_heads
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys and values of every layer at `slots` positions, shared by a left-padded batch.
+
+  Slot s of row b holds a real token iff valid_BS[b, s]; the next call writes at `index`.
+  """
+  keys: list[jax.Array]  # per layer [B, S, kv_heads, head_dim]
+  values: list[jax.Array]
+  valid_BS: jax.Array
+  index: jax.Array
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: GptConfig, *, rngs: nnx.Rngs):
+    self.post_ln = cfg.norm == "post_layernorm"
+    norm_cls = RMSNorm if cfg.norm == "pre_rmsnorm" else LayerNorm
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scale_residual_init else None
+    common = dict(use_bias=cfg.use_bias, init_std=cfg.init_std, out_init_std=out_std,
+                  dtype=cfg.dtype, rngs=rngs)
+    self.attention_norm = norm_cls(cfg.hidden, epsilon=cfg.norm_eps, dtype=cfg.dtype, rngs=rngs)
+    self.attention = MultiHeadAttention(
+        cfg.hidden, cfg.num_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_size,
+        rope_theta=cfg.rope_theta if cfg.positions == "rope" else None,
+        dropout_rate=cfg.dropout_rate, **common)
+    self.mlp_norm = norm_cls(cfg.hidden, epsilon=cfg.norm_eps, dtype=cfg.dtype, rngs=rngs)
+    self.mlp = (GatedMlp(cfg.hidden, cfg.mlp_dim, jax.nn.silu, **common) if cfg.mlp == "swiglu"
+                else Mlp(cfg.hidden, cfg.mlp_dim, jax.nn.gelu, **common))
+    self.dropout = nnx.Dropout(cfg.dropout_rate)
+
+  def __call__(self, h_BLD, mask_B1LS, positions_BL, cache=None, rngs=None):
+    det = rngs is None
+    attend = lambda x: self.attention(x, mask_B1LS, positions_BL=positions_BL, cache=cache,
+                                      rngs=rngs)
+    if self.post_ln:
+      a_BLD, kv = attend(h_BLD)
+      a_BLD = self.attention_norm(h_BLD + self.dropout(a_BLD, rngs=rngs, deterministic=det))
+      h_BLD = self.mlp_norm(a_BLD + self.dropout(self.mlp(a_BLD), rngs=rngs, deterministic=det))
+    else:
+      a_BLD, kv = attend(self.attention_norm(h_BLD))
+      h_BLD = h_BLD + self.dropout(a_BLD, rngs=rngs, deterministic=det)
+      h_BLD = h_BLD + self.dropout(self.mlp(self.mlp_norm(h_BLD)), rngs=rngs, deterministic=det)
+    return constrain(h_BLD, ("batch", "length", "act_embed")), kv
+
+
+class Gpt(nnx.Module):
+  """Token (+ position) embeddings, the decoder stack, the final norm and the LM head."""
+
+  def __init__(self, cfg: GptConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    common = dict(init_std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
+    self.token_embed = Embed(cfg.vocab_size, cfg.hidden, ("vocab", "embed"), **common)
+    if cfg.positions == "learned":
+      self.position_embed = Embed(cfg.max_positions, cfg.hidden, ("position", "embed"),
+                                  **common)
+    self.dropout = nnx.Dropout(cfg.dropout_rate)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    if cfg.norm != "post_layernorm":  # pre-LN stacks end un-normalised: GPT-2 adds a final LN
+      norm_cls = RMSNorm if cfg.norm == "pre_rmsnorm" else LayerNorm
+      self.final_norm = norm_cls(cfg.hidden, epsilon=cfg.norm_eps, dtype=cfg.dtype, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = Dense(cfg.hidden, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                           **common)
+
+  # The network ------------------------------------------------------------------------------
+
+  def hidden_states(self, tokens_BL, positions_BL, mask_B1LS, caches=None, rngs=None):
+    """Final hidden states [B, L, D] and each layer's (keys, values)."""
+    h_BLD = self.token_embed(tokens_BL)
+    if self.cfg.positions == "learned":
+      h_BLD = h_BLD + self.position_embed(positions_BL)
+    h_BLD = self.dropout(h_BLD, rngs=rngs, deterministic=rngs is None)
+    h_BLD = constrain(h_BLD, ("batch", "length", "act_embed"))
+    kvs = []
+    for i, layer in enumerate(self.layers):
+      cache = None if caches is None else caches[i]
+      if self.cfg.remat:
+        h_BLD, kv = nnx.remat(lambda lyr, h, m, p, c, r: lyr(h, m, p, c, r))(
+            layer, h_BLD, mask_B1LS, positions_BL, cache, rngs)
+      else:
+        h_BLD, kv = layer(h_BLD, mask_B1LS, positions_BL, cache, rngs)
+      kvs.append(kv)
+    if self.cfg.norm != "post_layernorm":
+      h_BLD = self.final_norm(h_BLD)
+    return h_BLD, kvs
+
+  def logits(self, h_BLD):
+    if self.cfg.tie_embeddings:
+      logits_BLV = self.token_embed.attend(h_BLD)
+    else:
+      logits_BLV = self.lm_head(h_BLD)
+    return constrain(logits_BLV, ("batch", "length", "act_vocab"))
+
+  def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, rngs=None,
+               return_hidden: bool = False):
+    """Next-token logits [B, L, V] for (packed) training and scoring.
+
+    `segment_ids_BL` numbers the documents packed into a row (0 = padding); without it the
+    row is one document. `positions_BL` restart at 0 in each document.
+    """
+    length = tokens_BL.shape[1]
+    self._check_length(length)
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones_like(tokens_BL)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(length), tokens_BL.shape)
+    h_BLD, _ = self.hidden_states(tokens_BL, positions_BL, causal_mask(segment_ids_BL),
+                                  rngs=rngs)
+    return h_BLD if return_hidden else self.logits(h_BLD)
+
+  # Incremental decoding ------------------------------------------------------------------------
+
+  def init_cache(self, batch: int, slots: int) -> KVCache:
+    self._check_length(slots)
+    shape = (batch, slots, self.cfg.kv_heads, self.cfg.head_size)
+    zeros = lambda: [jnp.zeros(shape, self.cfg.dtype) for _ in range(self.cfg.num_layers)]
+    return KVCache(zeros(), zeros(), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens_BL, positions_BL, valid_BL, cache: KVCache):
+    """Runs L new tokens (a prompt, or one sampled token) through the cache.
+
+    Query slot index + i sees every valid slot ≤ index + i. Returns (logits [B, L, V], cache).
+    """
+    length = tokens_BL.shape[1]
+    slots = cache.valid_BS.shape[1]
+    valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, valid_BL, (0, cache.index))
+    query_slot_L = cache.index + jnp.arange(length)
+    causal_LS = jnp.arange(slots)[None, :] <= query_slot_L[:, None]
+    mask_B1LS = (causal_LS[None] & valid_BS[:, None, :])[:, None]
+    caches = [(k, v, cache.index) for k, v in zip(cache.keys, cache.values)]
+    h_BLD, kvs = self.hidden_states(tokens_BL, positions_BL, mask_B1LS, caches)
+    new_cache = KVCache([k for k, _ in kvs], [v for _, v in kvs], valid_BS,
+                        cache.index + length)
+    return self.logits(h_BLD), new_cache
+
+  # Accounting ------------------------------------------------------------------------------------
+
+  def train_flops_per_token(self, seq_len: int) -> float:
+    return flops_per_token(self.cfg, seq_len)
+
+  def _check_length(self, length: int) -> None:
+    if self.cfg.positions == "learned" and length > self.cfg.max_positions:
+      raise UserError(f"sequence length {length} exceeds the model's max_positions="
+                      f"{self.cfg.max_positions}: shorten it or raise GptConfig.max_positions")
+
+
+class GptClassifier(Gpt):
+  """GPT-1's finetuning head: softmax(h_last W_y) on the final ([EXTRACT]) token.
+
+  A subclass, so the pretrained decoder's parameters keep their paths and `train.init_from`
+  loads them; only `classifier` starts from scratch.
+  """
+
+  def __init__(self, cfg: GptConfig, num_classes: int, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.classifier = Dense(cfg.hidden, num_classes, ("embed", None), init_std=cfg.init_std,
+                            dtype=cfg.dtype, rngs=rngs)
+
+  def classify(self, h_BD):
+    return self.classifier(h_BD)
+
+
+@gin.configurable
+def gpt(seed: int, cfg: GptConfig = gin.REQUIRED) -> Gpt:
+  """The trainer's model factory: `factory(seed) -> module`."""
+  return Gpt(cfg, rngs=nnx.Rngs(seed))
+
+
+@gin.configurable
+def gpt_classifier(seed: int, cfg: GptConfig = gin.REQUIRED,
+                   num_classes: int = gin.REQUIRED) -> GptClassifier:
+  return GptClassifier(cfg, num_classes, rngs=nnx.Rngs(seed))
+
+
+def param_count(cfg: GptConfig) -> int:
+  """Parameters by formula (the published counts: GPT-1 116.5M, GPT-2 small 124.4M)."""
+  d, f, h, g, k = cfg.hidden, cfg.mlp_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
+  bias = cfg.use_bias
+  norm = d if cfg.norm == "pre_rmsnorm" else 2 * d
+  attention = d * k * (h + 2 * g) + h * k * d + (bias and (k * (h + 2 * g) + d))
+  mlp = (3 * d * f if cfg.mlp == "swiglu" else 2 * d * f) + (bias and (
+      (2 * f if cfg.mlp == "swiglu" else f) + d))
+  layer = attention + mlp + 2 * norm
+  embeddings = cfg.vocab_size * d + (cfg.max_positions * d if cfg.positions == "learned" else 0)
+  final = 0 if cfg.norm == "post_layernorm" else norm
+  head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+  return embeddings + cfg.num_layers * layer + final + head
+
+
+def flops_per_token(cfg: GptConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 × (matmul parameters + causal attention's QKᵀ and AV)."""
+  d, f, l = cfg.hidden, cfg.mlp_dim, cfg.num_layers
+  k, h, g = cfg.head_size, cfg.num_heads, cfg.kv_heads
+  projections = d * k * (h + 2 * g) + h * k * d + (3 if cfg.mlp == "swiglu" else 2) * d * f
+  attention = h * k * seq_len  # QKᵀ and AV, halved by the causal mask: 2 × L/2 per query
+  return 6.0 * (l * (projections + attention) + d * cfg.vocab_size)

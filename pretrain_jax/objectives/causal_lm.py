@@ -1,0 +1,83 @@
+"""Causal language modelling (GPT): next-token prediction over packed documents.
+
+Pipeline of an LM task (SeqIO preprocessors, then the feature converter):
+
+    {"text"} ─ rekey, tokenize, append EOS ─► {"targets": a whole document + EOS}
+             ─ split_to_length ─► chunks of at most L tokens (EOS only at a real document end)
+             ─ CausalLmFeatureConverter (SeqIO's, packing on) ─►
+               decoder_input_tokens   0 x₁ x₂ … (shifted right, 0 opens each document)
+               decoder_target_tokens  x₁ x₂ x₃ …
+               decoder_loss_weights   1 on real tokens, 0 on padding
+               decoder_segment_ids    1 1 1 2 2 … 0 (which packed document; 0 = padding)
+               decoder_positions      0 1 2 0 1 … (restarting in each document)
+
+A task with "inputs" and "targets" (text-to-text finetuning) becomes one sequence
+inputs ++ targets with the loss on the targets only.
+"""
+
+from __future__ import annotations
+
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+import seqio
+import tensorflow as tf
+
+
+def split_to_length(dataset, sequence_length, output_features):
+  """Cuts each tokenized document into consecutive chunks of at most L tokens, so long
+  documents are all read (the converter would otherwise truncate them to their first L)."""
+  del output_features
+  length = sequence_length["targets"]
+
+  def chunks(ex):
+    tokens = ex["targets"]
+    starts = tf.range(0, tf.size(tokens), length)
+    splits = tf.concat([starts, [tf.size(tokens)]], axis=0)
+    return tf.data.Dataset.from_tensor_slices(
+        {"targets": tf.RaggedTensor.from_row_splits(tokens, splits)})
+
+  return dataset.flat_map(chunks)
+
+
+@gin.configurable
+class CausalLmFeatureConverter(seqio.DecoderFeatureConverter):
+  """SeqIO's decoder converter (packing on by default) for our trainer's length convention.
+
+  The trainer asks for {"inputs": Lᵢ, "targets": Lₜ} (see pipeline.feature_lengths). An LM
+  task has no inputs: its rows are Lₜ long. A text-to-text task becomes one row of Lᵢ + Lₜ.
+  """
+
+  def __call__(self, ds, task_feature_lengths):
+    if "inputs" not in ds.element_spec:
+      task_feature_lengths = {"targets": task_feature_lengths["targets"]}
+    return super().__call__(ds, task_feature_lengths)
+
+
+@gin.configurable
+def causal_lm_loss(model, batch, rngs=None, z_loss: float = 0.0):
+  """Token-mean cross-entropy over the weighted positions (+ optional z-loss on log Z²).
+
+  Metrics are (numerator, denominator) sums, so `loss` is the exact mean over tokens and
+  `perplexity` = exp(loss) (see metrics.DERIVED).
+  """
+  logits_BLV = model(batch["decoder_input_tokens"], positions_BL=batch.get("decoder_positions"),
+                     segment_ids_BL=batch.get("decoder_segment_ids"), rngs=rngs)
+  logits_BLV = logits_BLV.astype(jnp.float32)
+  targets_BL = batch["decoder_target_tokens"]
+  weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+  count = weights_BL.sum()
+  ce_sum = (ce_BL * weights_BL).sum()
+  loss = ce_sum / jnp.maximum(count, 1.0)
+  correct = ((jnp.argmax(logits_BLV, -1) == targets_BL) * weights_BL).sum()
+  metrics = {"loss": (ce_sum, count), "log_perplexity": (ce_sum, count),
+             "accuracy": (correct, count)}
+  if z_loss:
+    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    z_sum = (jnp.square(log_z_BL) * weights_BL).sum()
+    loss = loss + z_loss * z_sum / jnp.maximum(count, 1.0)
+    metrics["z_loss"] = (z_sum, count)
+  return loss, metrics
+

@@ -1,0 +1,128 @@
+"""GPT-1's finetuning formats (Radford et al. 2018, §3.3): one token sequence per example,
+a linear classifier on the hidden state of its final token.
+
+    single text:  [START] a [EXTRACT]
+    pairs:        [START] a [DELIM] b [EXTRACT]
+    loss:         L₂(C) + λ · L₁(C)     (classification + auxiliary LM on the same text, λ = 0.5)
+
+[START], [DELIM] and [EXTRACT] are new tokens: the first three ids after the SentencePiece
+pieces (the vocabulary's extra ids), so the pretrained embedding table already has rows
+for them.
+"""
+
+from __future__ import annotations
+
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+import seqio
+import tensorflow as tf
+
+from pretrain_jax.errors import UserError
+
+SPECIAL_TOKENS = ("start", "delim", "extract")
+
+
+def special_ids(vocabulary) -> dict[str, int]:
+  """{start, delim, extract} -> id: the first three extra ids above the base vocabulary."""
+  extra = getattr(vocabulary, "extra_ids", 0)
+  if extra < len(SPECIAL_TOKENS):
+    raise UserError(f"the GPT finetuning format needs {len(SPECIAL_TOKENS)} extra ids in the "
+                    f"vocabulary; it has {extra} (use a vocabulary built with extra_ids >= 3)")
+  base = vocabulary.vocab_size - extra
+  return {name: base + i for i, name in enumerate(SPECIAL_TOKENS)}
+
+
+def truncate_pair(len_a, len_b, budget):
+  """Lengths to keep of two texts that must fit `budget` tokens: the longer one is cut first."""
+  keep_a = tf.minimum(len_a, tf.maximum(budget - len_b, (budget + 1) // 2))
+  return keep_a, tf.minimum(len_b, budget - keep_a)
+
+
+def gpt_format(dataset, sequence_length, output_features, fields=("inputs",)):
+  """Tokenized `fields` (one or two) → "inputs" = [START] a ([DELIM] b) [EXTRACT], cut to fit."""
+  if len(fields) not in (1, 2):
+    raise UserError(f"gpt_format takes one or two text fields, got {fields}")
+  ids = special_ids(output_features["inputs"].vocabulary)
+  budget = sequence_length["inputs"] - 1 - len(fields)  # [START], [DELIM]?, [EXTRACT]
+  if budget < len(fields):
+    raise UserError(f"sequence length {sequence_length['inputs']} leaves no room for text in "
+                    "the GPT finetuning format")
+  start, delim, extract = (tf.constant([ids[k]], tf.int32) for k in SPECIAL_TOKENS)
+
+  def fn(ex):
+    a = tf.cast(ex[fields[0]], tf.int32)
+    if len(fields) == 1:
+      tokens = [start, a[:budget], extract]
+    else:
+      b = tf.cast(ex[fields[1]], tf.int32)
+      keep_a, keep_b = truncate_pair(tf.size(a), tf.size(b), budget)
+      tokens = [start, a[:keep_a], delim, b[:keep_b], extract]
+    return {**ex, "inputs": tf.concat(tokens, axis=0)}
+
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+class ClassificationFeatureConverter(seqio.FeatureConverter):
+  """Model features: `tokens` (the formatted inputs, 0-padded to the inputs length), `label`."""
+  TASK_FEATURES = {"inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                   "label": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=0)}
+  MODEL_FEATURES = {"tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                    "label": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=0)}
+  PACKING_FEATURE_DTYPES = None
+
+  def __init__(self, **kwargs):
+    super().__init__(pack=False, **kwargs)
+
+  def __call__(self, ds, task_feature_lengths):
+    return super().__call__(ds, {"inputs": task_feature_lengths["inputs"], "label": 1})
+
+  def _convert_features(self, ds, task_feature_lengths):
+    ds = ds.map(lambda ex: {"tokens": tf.cast(ex["inputs"], tf.int32),
+                            "label": tf.cast(ex["label"], tf.int32)})
+    return seqio.utils.trim_and_pad_dataset(ds, {"tokens": task_feature_lengths["inputs"]})
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    return {"tokens": task_feature_lengths["inputs"], "label": 1}
+
+
+gin.external_configurable(ClassificationFeatureConverter)
+
+
+@gin.configurable
+def final_token_classifier_loss(model, batch, rngs=None, lm_weight: float = 0.5):
+  """Cross-entropy of the classifier on the last real token (+ λ · the LM loss on the text)."""
+  tokens_BL, labels_B = batch["tokens"], batch["label"]
+  h_BLD, h_BD = _hidden_states(model, tokens_BL, rngs)
+  logits_BC = model.classify(h_BD).astype(jnp.float32)
+  ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B)
+  n = jnp.float32(labels_B.shape[0])
+  loss = ce_B.mean()
+  correct = (jnp.argmax(logits_BC, -1) == labels_B).sum().astype(jnp.float32)
+  metrics = {"classifier_loss": (ce_B.sum(), n), "accuracy": (correct, n)}
+  if lm_weight:
+    lm_logits_BLV = model.logits(h_BLD[:, :-1]).astype(jnp.float32)
+    weights_BL = (tokens_BL[:, 1:] != 0).astype(jnp.float32)
+    lm_sum = (optax.softmax_cross_entropy_with_integer_labels(lm_logits_BLV, tokens_BL[:, 1:])
+              * weights_BL).sum()
+    lm_count = jnp.maximum(weights_BL.sum(), 1.0)
+    loss = loss + lm_weight * lm_sum / lm_count
+    metrics["lm_loss"] = (lm_sum, lm_count)
+  metrics["loss"] = (loss * n, n)
+  return loss, metrics
+
+
+def _hidden_states(model, tokens_BL, rngs=None):
+  """All hidden states [B, L, D] and the final real token's [B, D] (rows are 0-padded)."""
+  valid_BL = tokens_BL != 0
+  h_BLD = model(tokens_BL, segment_ids_BL=valid_BL.astype(jnp.int32), rngs=rngs,
+                return_hidden=True)
+  last_B = jnp.maximum(valid_BL.sum(axis=1) - 1, 0)
+  return h_BLD, jnp.take_along_axis(h_BLD, last_B[:, None, None], axis=1)[:, 0]
+
+
+def predict(model, tokens_BL) -> jax.Array:
+  """Class probabilities [B, C] for formatted, 0-padded rows."""
+  _, h_BD = _hidden_states(model, tokens_BL)
+  return jax.nn.softmax(model.classify(h_BD).astype(jnp.float32), axis=-1)
