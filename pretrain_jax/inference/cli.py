@@ -48,6 +48,7 @@ def icl(model_dir, task, split, shots, mode, template, separator, max_input_word
       template=in_context.Template(template, separator, max_input_words or None))
   result["step"] = step
   if as_json:
+    result.pop("first_prompt")
     print(json.dumps(result))
     return
   print(f"{shots}-shot {mode} on {task}/{split} ({result['examples']} examples, step {step}): "

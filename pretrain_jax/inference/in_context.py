@@ -59,7 +59,13 @@ class Template:
 
 def task_examples(task: str, split: str) -> list[tuple[str, str]]:
   """(inputs, targets) texts of a SeqIO text-to-text task, before tokenization."""
-  ds = seqio.get_mixture_or_task(task).get_dataset(None, split=split, shuffle=False)
+  if task not in seqio.TaskRegistry.names() and task not in seqio.MixtureRegistry.names():
+    raise UserError(f"unknown task {task!r} (see show-data --list)")
+  provider = seqio.get_mixture_or_task(task)
+  if not {"inputs", "targets"} <= set(provider.output_features):
+    raise UserError(f"task {task!r} has features {sorted(provider.output_features)}; in-context "
+                    "learning needs a text-to-text task (inputs and targets)")
+  ds = provider.get_dataset(None, split=split, shuffle=False)
   examples = []
   for ex in ds.as_numpy_iterator():
     if "inputs_pretokenized" not in ex or "targets_pretokenized" not in ex:
@@ -138,4 +144,5 @@ def evaluate(model, vocabulary, task: str, *, shots: int = 4, split: str = "vali
           "accuracy": float(np.mean(correct)), "majority_baseline": majority,
           "chance": 1 / len(labels) if mode == "classify" else None,
           "predicted": dict(collections.Counter(predictions).most_common(8)),
+          "predictions": predictions,
           "first_prompt": prompts[0]}
