@@ -46,6 +46,8 @@ def _parse(argv):
   icl.add_argument("--template", default="{inputs} -> {targets}")
   icl.add_argument("--separator", default="\n")
   icl.add_argument("--max_input_words", type=int, default=24)
+  icl.add_argument("--calibrate", action="store_true",
+                   help="contextual calibration against a content-free query (Zhao et al. 2021)")
   parser.add_argument("--coordinator_address", help="multi-host: host:port of process 0 "
                       "(jax.distributed; TPU pods and SLURM can omit it with --multi_host)")
   parser.add_argument("--num_processes", type=int)
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
       else:
         cli.icl(args.model_dir, args.task, args.split or "validation", args.shots, args.mode,
                 args.template, args.separator.encode().decode("unicode_escape"),
-                args.max_input_words, args.num, args.seed, args.json)
+                args.max_input_words, args.num, args.seed, args.json, args.calibrate)
   except UserError as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # gin appends a context line
     rc = 2

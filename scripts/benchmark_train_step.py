@@ -1,8 +1,13 @@
-"""Benchmark: BERT pretraining train-step throughput (tokens/s) on the local devices.
+"""Benchmark: pretraining train-step throughput (tokens/s) of BERT and GPT on the local devices.
 
-For each model config and compute dtype: build the real `trainer.Setup` (AdamW, MLM + NSP loss,
-data-parallel mesh over the visible devices), pre-fetch a few real host batches from the bundled
-BBC task into memory (so the input pipeline is NOT measured; the host-to-device copy of each
+A `--models` entry is a BERT size (`tiny`, `mini`, `small`, ...: `models/bert_<name>.gin` +
+`objectives/bert.gin` + `runs/pretrain.gin`) or a decoder config (`gpt_tiny`,
+`modern_decoder_tiny`, `gpt2_small`, ...: `models/<name>.gin` + `objectives/causal_lm.gin` +
+`runs/gpt_pretrain.gin`, max_positions raised to the sequence length if needed).
+
+For each model config and compute dtype: build the real `trainer.Setup` (AdamW, MLM + NSP or
+causal LM loss, data-parallel mesh over the visible devices), pre-fetch a few real host batches
+from the bundled BBC task into memory (so the input pipeline is NOT measured; the host-to-device copy of each
 batch inside `Setup.train_step` is), time the first step (compile + one step), warm up, then
 time `--steps` steps `--repeats` times and report the median. Repeats are interleaved across
 configs (round 1 runs every config, then round 2, ...) so that load from other processes on a
@@ -10,8 +15,11 @@ shared machine hits all configs alike: compare the same-run ratios printed at th
 
   .venv/bin/python scripts/benchmark_train_step.py --models mini,small --batch_size 32 \
       --seq_len 128 --steps 20 --dtypes float32,bfloat16 --output /tmp/bench.json
+  .venv/bin/python scripts/benchmark_train_step.py --models gpt_tiny,modern_decoder_tiny \
+      --batch_size 32 --seq_len 128 --steps 10 --dtypes float32
 
-Tokens/s counts batch x sequence length per step (padding included).
+Tokens/s counts batch x sequence length per step (padding included). Ratios compare every
+model with the first one in --models.
 """
 
 import os
@@ -39,15 +47,33 @@ from pretrain_jax.training import trainer
 
 absl_logging.set_verbosity(absl_logging.ERROR)  # seqio's "uncached FunctionDataset" warning
 NUM_BATCHES = 4  # distinct real batches held in memory and cycled through
+BERT_SIZES = ("tiny", "mini", "small", "base", "large")
+
+
+def model_name(model: str) -> str:
+  """`mini` -> `bert_mini`; decoder configs (`gpt_tiny`) keep their name."""
+  return f"bert_{model}" if model in BERT_SIZES else model
+
+
+def configure_model(model: str, dtype: str, seq_len: int) -> None:
+  """Parses the gin configs that pretrain `model` with `dtype` compute at `seq_len` tokens."""
+  gin.clear_config()
+  name = model_name(model)
+  if name.startswith("bert_"):
+    configure([f"models/{name}.gin", "objectives/bert.gin", "runs/pretrain.gin"],
+              ["BertConfig.vocab_size = 8053", f"BertConfig.dtype = '{dtype}'"])
+    return
+  configure([f"models/{name}.gin", "objectives/causal_lm.gin", "runs/gpt_pretrain.gin"],
+            ["GptConfig.vocab_size = 8128", f"GptConfig.dtype = '{dtype}'"])
+  if bound("GptConfig.max_positions") < seq_len:  # learned position tables stop there
+    configure([], [f"GptConfig.max_positions = {seq_len}"])
 
 
 class Bench:
   """One (model, dtype, batch size): its Setup, state and in-memory batches."""
 
   def __init__(self, model: str, dtype: str, batch_size: int, seq_len: int, warmup: int):
-    gin.clear_config()
-    configure([f"models/bert_{model}.gin", "objectives/bert.gin", "runs/pretrain.gin"],
-               ["BertConfig.vocab_size = 8053", f"BertConfig.dtype = '{dtype}'"])
+    configure_model(model, dtype, seq_len)
     q = bound
     self.setup = trainer.Setup(q("train.model"), q("train.loss_fn"), num_steps=1000)
     self.state = self.setup.init_state()
@@ -55,7 +81,7 @@ class Bench:
                                  q("train.feature_converter"), batch_size, seed=0)
     self.batches = itertools.cycle([next(data) for _ in range(NUM_BATCHES)])
     flops = self.setup.flops_per_token and self.setup.flops_per_token(seq_len)
-    self.result = {"model": f"bert_{model}", "dtype": dtype, "batch_size": batch_size,
+    self.result = {"model": model_name(model), "dtype": dtype, "batch_size": batch_size,
                    "seq_len": seq_len, "flops_per_token": flops, "step_s_repeats": [],
                    "params": int(sum(x.size for x in jax.tree.leaves(self.state.params)))}
     self.result["first_step_s"] = self.run(1)  # trace + compile + one step
@@ -83,7 +109,8 @@ class Bench:
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default="mini,small", help="comma list of tiny, mini, small, ...")
+  p.add_argument("--models", default="mini,small", help="comma list of BERT sizes (tiny, mini, small, ...) and decoder "
+                 "configs (gpt_tiny, modern_decoder_tiny, gpt2_small, ...)")
   p.add_argument("--batch_size", default="32", help="comma list, e.g. 8,32")
   p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
@@ -127,11 +154,12 @@ def main():
           f"| {r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | {gf} |")
 
   by_key = {(r["model"], r["dtype"], r["batch_size"]): r for r in results}
+  base_name = model_name(models[0])
   ratios = {}  # same-run ratios of tokens/s: what to compare across runs and machines
   for (model, dtype, bs), r in by_key.items():
-    mini, f32 = by_key.get(("bert_mini", dtype, bs)), by_key.get((model, "float32", bs))
-    if mini and model != "bert_mini":
-      ratios[f"{model}/bert_mini {dtype} b{bs}"] = r["tokens_per_s"] / mini["tokens_per_s"]
+    base, f32 = by_key.get((base_name, dtype, bs)), by_key.get((model, "float32", bs))
+    if base and model != base_name:
+      ratios[f"{model}/{base_name} {dtype} b{bs}"] = r["tokens_per_s"] / base["tokens_per_s"]
     if f32 and dtype != "float32":
       ratios[f"{model} {dtype}/float32 b{bs}"] = r["tokens_per_s"] / f32["tokens_per_s"]
   print("".join(f"\n{name} tokens/s: {value:.3f}" for name, value in ratios.items()))

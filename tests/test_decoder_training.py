@@ -200,6 +200,17 @@ def test_scores_are_the_summed_log_likelihoods_and_classification_takes_the_best
   labels = sorted({a["topic"] for a in corpora.bbc_articles("train")})
   assert result["examples"] == 3 and set(result["predictions"]) <= set(labels)
   assert result["chance"] == pytest.approx(1 / 5)
+  # Contextual calibration, zero-shot, recomputed by hand for the first query
+  calibrated = in_context.evaluate(model, vocab, "bbc_topic", shots=0, num_examples=2,
+                                   calibrate=True)
+  template = in_context.Template()
+  inputs = in_context.task_examples("bbc_topic", "validation")[0][0]
+  prompt, space = template.prompt([], inputs)
+  free, _ = template.prompt([], "N/A")
+  raw = in_context._label_scores(model, vocab, [prompt], [space], labels)[0]  # pylint: disable=protected-access
+  bias = in_context._label_scores(model, vocab, [free], [space], labels)[0]  # pylint: disable=protected-access
+  bias = bias - np.logaddexp.reduce(bias)
+  assert calibrated["predictions"][0] == labels[int(np.argmax(raw - bias))]
 
 
 # The verbs ------------------------------------------------------------------------------------

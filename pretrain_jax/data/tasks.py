@@ -68,10 +68,11 @@ def _bbc_texts(split):
   return [a["text"] for a in corpora.bbc_articles(split)]
 
 
-def _lm_task(name: str, source: seqio.DataSource, vocabulary) -> seqio.Task:
+def _lm_task(name: str, source: seqio.DataSource, vocabulary, text_key: str = "text"):
+  """Whole documents + EOS, cut into chunks of the sequence length (packed by the converter)."""
   return seqio.TaskRegistry.add(
       name, source=source,
-      preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+      preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
                      seqio.preprocessors.tokenize, seqio.preprocessors.append_eos,
                      causal_lm.split_to_length],
       output_features={"targets": seqio.Feature(vocabulary, add_eos=True)})
@@ -122,6 +123,20 @@ def local_text_task(pattern: str = gin.REQUIRED, separator: str = "file",
   _mlm_task(task_name, _texts_source(by_split.__getitem__,
                                      {s: len(d) for s, d in by_split.items()}),
             objective, vocabulary or vocabularies.bbc_wordpiece())
+  return task_name
+
+
+@gin.configurable
+def tfds_lm_task(tfds_name: str = gin.REQUIRED, vocabulary=gin.REQUIRED, text_key: str = "text",
+                 splits=(("train", "train"), ("validation", "validation")),
+                 name: str | None = None) -> str:
+  """Registers a causal-LM task over a TFDS text dataset (e.g. "c4/en:3.1.0") and returns its
+  name, for gin: `train.task = @tfds_lm_task()`. Nothing is read until training starts; the
+  dataset must already be prepared in TFDS_DATA_DIR (this code never downloads)."""
+  task_name = name or "lm_" + "".join(c if c.isalnum() else "_" for c in tfds_name)
+  if task_name not in seqio.TaskRegistry.names():
+    _lm_task(task_name, seqio.TfdsDataSource(tfds_name, splits=dict(splits)), vocabulary,
+             text_key)
   return task_name
 
 

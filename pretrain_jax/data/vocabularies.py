@@ -2,12 +2,16 @@
 
 import functools
 import importlib.resources
+import os
 import re
 
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
 import tensorflow_text as tf_text
+
+from pretrain_jax.errors import UserError
 
 # Readable decoding: BERT splits off every punctuation mark, so glue the common ones back
 # ("the cat sat ." -> "the cat sat.", "£ 5 . 3m" -> "£5.3m", "don ' t" -> "don't",
@@ -157,3 +161,15 @@ def bbc_wordpiece() -> WordPieceVocabulary:
 def bbc_sentencepiece(extra_ids: int = 100) -> seqio.SentencePieceVocabulary:
   """T5-style SentencePiece unigram (pad 0, eos 1, unk 2; sentinels count down from the top)."""
   return seqio.SentencePieceVocabulary(_package_file("bbc_sentencepiece_8k.model"), extra_ids)
+
+
+@gin.configurable
+def sentencepiece_vocabulary(model_file: str = gin.REQUIRED,
+                             extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
+  """The user's SentencePiece model (for gin: `vocabulary = @sentencepiece_vocabulary()`)."""
+  if not model_file:
+    raise UserError("sentencepiece_vocabulary.model_file is not set (the experiment configs "
+                    "take it from VOCAB_FILE: --gin.VOCAB_FILE=\"'/path/spm.model'\")")
+  if not os.path.exists(model_file) and "://" not in model_file:
+    raise UserError(f"sentencepiece_vocabulary.model_file={model_file!r}: no such file")
+  return seqio.SentencePieceVocabulary(model_file, extra_ids)

@@ -39,19 +39,20 @@ def generate(model_dir, prompts, prompt_file, max_new_tokens, temperature, top_k
 
 
 def icl(model_dir, task, split, shots, mode, template, separator, max_input_words, num, seed,
-        as_json) -> None:
+        as_json, calibrate=False) -> None:
   if not task:
     raise UserError("icl needs --task NAME (a text-to-text task, e.g. bbc_topic)")
   model, vocabulary, step = loading.load(model_dir)
   result = in_context.evaluate(
       model, vocabulary, task, shots=shots, split=split, mode=mode, num_examples=num, seed=seed,
-      template=in_context.Template(template, separator, max_input_words or None))
+      template=in_context.Template(template, separator, max_input_words or None),
+      calibrate=calibrate)
   result["step"] = step
   if as_json:
     result.pop("first_prompt")
     print(json.dumps(result))
     return
-  print(f"{shots}-shot {mode} on {task}/{split} ({result['examples']} examples, step {step}): "
+  print(f"{shots}-shot {mode}{' (calibrated)' if calibrate else ''} on {task}/{split} ({result['examples']} examples, step {step}): "
         f"accuracy {result['accuracy']:.3f}  (majority class {result['majority_baseline']:.3f}"
         + (f", chance {result['chance']:.3f})" if result["chance"] else ")"))
   print(f"predictions: {result['predicted']}")

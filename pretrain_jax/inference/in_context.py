@@ -87,11 +87,28 @@ def _encode(vocabulary, context: str, continuation: str) -> tuple[list[int], lis
   return context_ids, list(vocabulary.encode(continuation))
 
 
+def _label_scores(model, vocabulary, prompts, spaces, labels) -> np.ndarray:
+  """[queries, labels] log p(label | prompt)."""
+  contexts, continuations = [], []
+  for prompt, space in zip(prompts, spaces):
+    for label in labels:
+      c, t = _encode(vocabulary, prompt, space + label)
+      contexts.append(c)
+      continuations.append(t)
+  return decoding.score(model, contexts, continuations).reshape(len(prompts), len(labels))
+
+
 def evaluate(model, vocabulary, task: str, *, shots: int = 4, split: str = "validation",
              shots_split: str = "train", mode: str = "classify",
              template: Template = Template(), num_examples: int | None = None,
-             max_new_tokens: int = 8, seed: int = 0, max_context: int | None = None) -> dict:
-  """k-shot accuracy of `model` on `task` (classification by likelihood, or exact match)."""
+             max_new_tokens: int = 8, seed: int = 0, max_context: int | None = None,
+             calibrate: bool = False) -> dict:
+  """k-shot accuracy of `model` on `task` (classification by likelihood, or exact match).
+
+  `calibrate`: contextual calibration (Zhao et al. 2021): each label's log-likelihood is
+  offset by its log-probability (among the labels) for the same shots with a content-free
+  query ("N/A"), which removes the prompt's bias toward some labels.
+  """
   if mode not in ("classify", "generate"):
     raise UserError(f"mode={mode!r}; valid: 'classify', 'generate'")
   if shots < 0:
@@ -103,7 +120,7 @@ def evaluate(model, vocabulary, task: str, *, shots: int = 4, split: str = "vali
   rng = random.Random(seed)
   answer_tokens = (max(len(vocabulary.encode(" " + label)) for label in labels) + 1
                    if mode == "classify" else max_new_tokens)
-  prompts, spaces = [], []
+  prompts, spaces, content_free = [], [], []
   for inputs, _ in queries:
     chosen = rng.sample(pool, min(shots, len(pool)))
     while True:  # drop the earliest shots until the prompt leaves room for the answer
@@ -117,15 +134,13 @@ def evaluate(model, vocabulary, task: str, *, shots: int = 4, split: str = "vali
                       f"context {max_context}; lower Template.max_input_words")
     prompts.append(prompt)
     spaces.append(space)
+    content_free.append(template.prompt(chosen, "N/A")[0])
   gold = [t for _, t in queries]
   if mode == "classify":
-    contexts, continuations = [], []
-    for prompt, space in zip(prompts, spaces):
-      for label in labels:
-        c, t = _encode(vocabulary, prompt, space + label)
-        contexts.append(c)
-        continuations.append(t)
-    scores = decoding.score(model, contexts, continuations).reshape(len(prompts), len(labels))
+    scores = _label_scores(model, vocabulary, prompts, spaces, labels)
+    if calibrate:
+      bias = _label_scores(model, vocabulary, content_free, spaces, labels)
+      scores = scores - (bias - np.logaddexp.reduce(bias, axis=1, keepdims=True))
     predictions = [labels[i] for i in scores.argmax(axis=1)]
   else:
     outputs = decoding.generate(model, [[BOS_ID] + list(vocabulary.encode(p)) for p in prompts],
@@ -140,7 +155,8 @@ def evaluate(model, vocabulary, task: str, *, shots: int = 4, split: str = "vali
       predictions.append(text.strip())
   correct = [p.strip() == g.strip() for p, g in zip(predictions, gold)]
   majority = collections.Counter(gold).most_common(1)[0][1] / len(gold)
-  return {"task": task, "split": split, "mode": mode, "shots": shots, "examples": len(gold),
+  return {"task": task, "split": split, "mode": mode, "shots": shots, "calibrated": calibrate,
+          "examples": len(gold),
           "accuracy": float(np.mean(correct)), "majority_baseline": majority,
           "chance": 1 / len(labels) if mode == "classify" else None,
           "predicted": dict(collections.Counter(predictions).most_common(8)),
