@@ -52,6 +52,18 @@ def test_published_parameter_counts(gin_file, expected):
   assert counted == expected == gpt.param_count(model.cfg)
 
 
+def test_gpt2_small_paper_recipe_builds_without_touching_data():
+  gin.clear_config()
+  configure(["experiments/gpt2_small_paper.gin"], [])
+  model = nnx.eval_shape(lambda: bound("train.model")(0))
+  assert gpt.param_count(model.cfg) == 124_439_808 + (50304 - 50257) * 768  # padded vocab
+  assert (bound("train.batch_size"), bound("train.sequence_length")) == (512, 1024)
+  assert bound("make_optimizer.b2") == 0.95 and bound("warmup_cosine_decay.learning_rate") == 6e-4
+  from pretrain_jax.errors import UserError
+  with pytest.raises(UserError, match="VOCAB_FILE"):
+    bound("train.task")  # resolving the task needs the user's vocabulary
+
+
 def test_modern_decoder_parameter_count_by_formula():
   gin.clear_config()
   configure(["models/modern_decoder_small.gin"], [])
