@@ -40,6 +40,7 @@ def _parse(argv):
   gen.add_argument("--top_k", type=int, default=0, help="0: no top-k filter")
   gen.add_argument("--top_p", type=float, default=1.0, help="1.0: no nucleus filter")
   gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--beam_size", type=int, default=1, help="> 1: beam search (length penalty 0.6)")
   icl = parser.add_argument_group("icl (in-context learning; --task, --split, --num, --json too)")
   icl.add_argument("--shots", type=int, default=4)
   icl.add_argument("--mode", choices=("classify", "generate"), default="classify")
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
       from pretrain_jax.inference import cli
       if args.verb == "generate":
         cli.generate(args.model_dir, args.prompt, args.prompt_file, args.max_new_tokens,
-                     args.temperature, args.top_k, args.top_p, args.seed, args.json)
+                     args.temperature, args.top_k, args.top_p, args.seed, args.json,
+                     args.beam_size)
       else:
         cli.icl(args.model_dir, args.task, args.split or "validation", args.shots, args.mode,
                 args.template, args.separator.encode().decode("unicode_escape"),

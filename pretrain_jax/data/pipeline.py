@@ -29,14 +29,18 @@ HOST_SHARDING = ("source", "batch")
 
 
 @gin.configurable
-def feature_lengths(sequence_length: int, targets_length: int | None = None) -> dict[str, int]:
+def feature_lengths(sequence_length: int, targets_length: int | None = None,
+                    concatenated: bool = True) -> dict[str, int]:
   """Task feature lengths for a model sequence of `sequence_length` tokens.
 
-  By default both features get the full length (masked LM, causal LM). Text-to-text finetuning
-  of a decoder-only model sets `targets_length`: inputs ++ targets then fill one sequence.
+  By default both features get the full length (masked LM, causal LM). With `targets_length`,
+  a decoder-only model reads inputs ++ targets in one sequence (`concatenated`), while an
+  encoder-decoder reads `sequence_length` inputs and writes `targets_length` targets.
   """
   if targets_length is None:
     return {"inputs": sequence_length, "targets": sequence_length}
+  if not concatenated:
+    return {"inputs": sequence_length, "targets": targets_length}
   if not 0 < targets_length < sequence_length:
     raise UserError(f"feature_lengths.targets_length={targets_length} must lie between 0 and "
                     f"the sequence length {sequence_length}")
@@ -137,3 +141,7 @@ def to_global(batch: dict[str, np.ndarray], sharding_of) -> dict[str, jax.Array]
   """Assembles each host's shard into one global array sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(sharding_of(v.ndim), v)
           for k, v in batch.items()}
+
+
+# SeqIO's own converters, selectable from gin (`@seqio.EncDecFeatureConverter()`).
+gin.external_configurable(seqio.EncDecFeatureConverter, module="seqio")

@@ -33,28 +33,59 @@ def examples(task: str, split: str, num: int, sequence_length: int, seed: int = 
   return list(ds.take(num).as_numpy_iterator())
 
 
-TOKEN_FEATURES = ("inputs", "targets", "tokens", "decoder_input_tokens", "decoder_target_tokens")
+TOKEN_FEATURES = ("inputs", "targets", "tokens", "decoder_input_tokens", "decoder_target_tokens",
+                  "encoder_input_tokens")
+
+
+def _length_of(example: dict, name: str, pad_id: int) -> int | None:
+  """Non-padding length of the feature group `name` belongs to (encoder_*, decoder_*, rest)."""
+  group = name.split("_")[0] if name.startswith(("encoder_", "decoder_")) else None
+  candidates = {"encoder": ("encoder_input_tokens",),
+                "decoder": ("decoder_target_tokens",)}.get(group, ("targets", "tokens", "inputs"))
+  for ref in candidates:
+    if ref in example:
+      nonpad = np.flatnonzero(np.asarray(example[ref]) != pad_id)
+      return int(nonpad[-1]) + 1 if nonpad.size else 0
+  return None
 
 
 def _row(example: dict, vocab) -> dict:
-  """Features trimmed to the non-padding length, plus decoded text for token features."""
-  length = None
-  for name in ("targets", "decoder_target_tokens", "tokens"):
-    if name in example:
-      nonpad = np.flatnonzero(np.asarray(example[name]) != vocab.pad_id)
-      length = int(nonpad[-1]) + 1 if nonpad.size else 0
-      break
+  """Features trimmed to the non-padding length, plus decoded text for token features; for a
+  denoising example, the original text rebuilt from its inputs and targets."""
   row = {}
   for name, value in example.items():
     value = np.asarray(value)
     if value.ndim == 0:
       row[name] = value.item()
       continue
-    value = value[:length]
+    value = value[:_length_of(example, name, vocab.pad_id)]
     row[name] = value.tolist()
     if name in TOKEN_FEATURES:
       row[f"{name}_text"] = " ".join(_token(vocab, int(i)) for i in value)
+  original = _original_text(row, vocab)
+  if original is not None:
+    row["original_text"] = original
   return row
+
+
+def _original_text(row: dict, vocab) -> str | None:
+  """Puts each packed example's targets back at its sentinels (span corruption, i.i.d. noise)."""
+  extra = getattr(vocab, "extra_ids", 0)
+  inputs, targets = row.get("encoder_input_tokens"), row.get("decoder_target_tokens")
+  if not extra or inputs is None or targets is None:
+    return None
+  if not any(i >= vocab.vocab_size - extra for i in inputs):
+    return None
+  from pretrain_jax.objectives import denoising  # pylint: disable=import-outside-toplevel
+  in_segments = np.asarray(row.get("encoder_segment_ids", [1] * len(inputs)))
+  out_segments = np.asarray(row.get("decoder_segment_ids", [1] * len(targets)))
+  texts = []
+  for segment in sorted(set(in_segments.tolist()) - {0}):
+    tokens = denoising.reconstruct(np.asarray(inputs)[in_segments == segment],
+                                   np.asarray(targets)[out_segments == segment],
+                                   vocab.vocab_size, eos_id=vocab.eos_id)
+    texts.append(vocab.decode(tokens.tolist()))
+  return " ‖ ".join(texts)
 
 
 def _token(vocab, token_id: int) -> str:

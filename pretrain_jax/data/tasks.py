@@ -9,6 +9,9 @@ Importing this module registers:
   bbc_topic      text-to-text topic classification: inputs = article, targets = topic word,
                  label = 0..4 (business, entertainment, politics, sport, tech)
   bbc_topic_gpt  bbc_topic in GPT's finetuning format: inputs = [START] article [EXTRACT]
+  bbc_span_corruption, bbc_iid_noise, bbc_prefix_lm, bbc_deshuffle
+                 the T5 paper's unsupervised objectives (objectives/denoising.py) as
+                 text-to-text tasks; bbc_span_corruption_and_prefix_lm mixes two by rate
 Masks are drawn per epoch (the trainer passes seed + epoch), so every task masks dynamically.
 Users' text: `local_text_task(pattern=..., separator=..., objective=...)`, selected from gin.
 """
@@ -23,7 +26,7 @@ import tensorflow as tf
 
 from pretrain_jax.data import corpora, vocabularies
 from pretrain_jax.errors import UserError
-from pretrain_jax.objectives import causal_lm, classification, masked_lm
+from pretrain_jax.objectives import causal_lm, classification, denoising, masked_lm
 
 MLM_OBJECTIVES = {
     # name: (segment construction, masking unit)
@@ -96,6 +99,34 @@ def _topic_task(name: str, source: seqio.DataSource, vocabulary, gpt_format: boo
       metric_fns=[])
 
 
+def _raw_length(objective: str):
+  """Raw tokens per example such that the objective's inputs (+ EOS) fit their length."""
+  def length_of(sequence_length):
+    inputs, targets = sequence_length["inputs"], sequence_length["targets"]
+    if objective == "span_corruption":
+      return denoising.random_spans_helper(inputs)[0]
+    if objective == "prefix_lm":  # split at random: both halves must fit
+      return min(inputs, targets) - 1
+    return inputs - 1  # iid_noise (sentinels only shorten), deshuffle
+  return length_of
+
+
+def _denoising_task(name: str, source: seqio.DataSource, objective: str, vocabulary,
+                    text_key: str = "text"):
+  return seqio.TaskRegistry.add(
+      name, source=source,
+      preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
+                     seqio.preprocessors.tokenize,
+                     functools.partial(causal_lm.split_to_length,
+                                       length_of=_raw_length(objective)),
+                     getattr(denoising, objective), seqio.preprocessors.append_eos],
+      output_features={"inputs": seqio.Feature(vocabulary, add_eos=True),
+                       "targets": seqio.Feature(vocabulary, add_eos=True)})
+
+
+DENOISING_OBJECTIVES = ("span_corruption", "iid_noise", "prefix_lm", "deshuffle")
+
+
 def register_bbc_tasks() -> None:
   counts = {s: len(corpora.bbc_articles(s)) for s in corpora.SPLITS}
   source = _texts_source(_bbc_texts, counts)
@@ -107,6 +138,10 @@ def register_bbc_tasks() -> None:
     topics = _records_source(_bbc_topics, counts)
     _topic_task("bbc_topic", topics, vocabularies.bbc_sentencepiece(), gpt_format=False)
     _topic_task("bbc_topic_gpt", topics, vocabularies.bbc_sentencepiece(), gpt_format=True)
+    for objective in DENOISING_OBJECTIVES:
+      _denoising_task(f"bbc_{objective}", source, objective, vocabularies.bbc_sentencepiece())
+    seqio.MixtureRegistry.add("bbc_span_corruption_and_prefix_lm",
+                              [("bbc_span_corruption", 3.0), ("bbc_prefix_lm", 1.0)])
 
 
 @gin.configurable
@@ -123,6 +158,23 @@ def local_text_task(pattern: str = gin.REQUIRED, separator: str = "file",
   _mlm_task(task_name, _texts_source(by_split.__getitem__,
                                      {s: len(d) for s, d in by_split.items()}),
             objective, vocabulary or vocabularies.bbc_wordpiece())
+  return task_name
+
+
+@gin.configurable
+def tfds_denoising_task(tfds_name: str = gin.REQUIRED, vocabulary=gin.REQUIRED,
+                        objective: str = "span_corruption", text_key: str = "text",
+                        splits=(("train", "train"), ("validation", "validation")),
+                        name: str | None = None) -> str:
+  """A T5 objective over a TFDS text dataset (C4 for the T5X recipe); like tfds_lm_task,
+  nothing is read before training and nothing is downloaded."""
+  if objective not in DENOISING_OBJECTIVES:
+    raise UserError(f"tfds_denoising_task.objective={objective!r}; valid: "
+                    f"{DENOISING_OBJECTIVES}")
+  task_name = name or objective + "_" + "".join(c if c.isalnum() else "_" for c in tfds_name)
+  if task_name not in seqio.TaskRegistry.names():
+    source = seqio.TfdsDataSource(tfds_name, splits=dict(splits))
+    _denoising_task(task_name, source, objective, vocabulary, text_key)
   return task_name
 
 

@@ -6,7 +6,7 @@ import json
 import os
 
 from pretrain_jax.errors import UserError
-from pretrain_jax.inference import decoding, in_context, loading
+from pretrain_jax.inference import beam_search, decoding, in_context, loading
 from pretrain_jax.inference.sampling import Sampling
 
 
@@ -23,13 +23,29 @@ def _prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
 
 
 def generate(model_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, top_p, seed,
-             as_json) -> None:
+             as_json, beam_size: int = 1) -> None:
+  """Decoder-only models continue each prompt; encoder-decoders read it as their inputs
+  (+ EOS) and write the output from BOS."""
   prompts = _prompts(prompts, prompt_file)
   sampling = Sampling(temperature, top_k, top_p)
+  if beam_size < 1 or (beam_size > 1 and temperature):
+    raise UserError(f"--beam_size={beam_size} --temperature={temperature}: beam search is "
+                    "deterministic; use beam_size >= 1 and temperature 0 with it")
   model, vocabulary, step = loading.load(model_dir)
-  ids = [[in_context.BOS_ID] + list(vocabulary.encode(p)) for p in prompts]
-  outputs = decoding.generate(model, ids, max_new_tokens, sampling=sampling,
-                              eos_id=vocabulary.eos_id, seed=seed)
+  if getattr(model.cfg, "is_encoder_decoder", False):
+    from pretrain_jax.models import t5  # pylint: disable=import-outside-toplevel
+    inputs = [list(vocabulary.encode(p)) + [vocabulary.eos_id] for p in prompts]
+    width = max(len(i) for i in inputs)
+    model = t5.T5Decoding(model, [i + [0] * (width - len(i)) for i in inputs])
+    ids = [[in_context.BOS_ID] for _ in prompts]
+  else:
+    ids = [[in_context.BOS_ID] + list(vocabulary.encode(p)) for p in prompts]
+  if beam_size > 1:
+    outputs = beam_search.beam_search(model, ids, max_new_tokens, beam_size=beam_size,
+                                      eos_id=vocabulary.eos_id)
+  else:
+    outputs = decoding.generate(model, ids, max_new_tokens, sampling=sampling,
+                                eos_id=vocabulary.eos_id, seed=seed)
   for prompt, out in zip(prompts, outputs):
     text = vocabulary.decode(out)
     if as_json:

@@ -39,7 +39,8 @@ class MultiHeadAttention(nnx.Module):
   def __init__(self, features: int, num_heads: int, *, num_kv_heads: int | None = None,
                head_dim: int | None = None, rope_theta: float | None = None,
                dropout_rate: float = 0.0, use_bias: bool = True, init_std: float = 0.02,
-               out_init_std: float | None = None, dtype=None, param_dtype=jnp.float32,
+               query_init_std: float | None = None, out_init_std: float | None = None,
+               logit_scale: float | None = None, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     head_dim = head_dim or features // num_heads
     num_kv_heads = num_kv_heads or num_heads
@@ -47,28 +48,39 @@ class MultiHeadAttention(nnx.Module):
       raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     dense = dict(use_bias=use_bias, init_std=init_std, dtype=dtype, param_dtype=param_dtype,
                  rngs=rngs)
-    self.query = Dense(features, (num_heads, head_dim), ("embed", "heads", "kv"), **dense)
+    self.query = Dense(features, (num_heads, head_dim), ("embed", "heads", "kv"),
+                       **{**dense, "init_std": query_init_std or init_std})
     self.key = Dense(features, (num_kv_heads, head_dim), ("embed", "heads", "kv"), **dense)
     self.value = Dense(features, (num_kv_heads, head_dim), ("embed", "heads", "kv"), **dense)
     self.out = Dense((num_heads, head_dim), features, ("heads", "kv", "embed"),
                      **{**dense, "init_std": out_init_std or init_std})
     self.dropout = nnx.Dropout(dropout_rate)
     self.dropout_rate, self.rope_theta = dropout_rate, rope_theta
+    self.logit_scale = logit_scale  # None: 1/√head_dim; T5 folds it into the query init (1.0)
 
   def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array, *,
                positions_BL: jax.Array | None = None,
                cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-               rngs: nnx.Rngs | None = None):
+               context_BSD: jax.Array | None = None,
+               context_kv: tuple[jax.Array, jax.Array] | None = None,
+               bias_BHLS: jax.Array | None = None, rngs: nnx.Rngs | None = None):
     """Returns (output, (keys, values)).
 
     `cache` = (keys_BSHK, values_BSHK, index): this call's keys and values are written at
     slots index … index + L − 1 and the queries attend over all S slots (as `mask_B1LS`
     allows); the updated arrays are returned. Without a cache, S = L.
+    Cross-attention reads keys and values from `context_BSD` (or, when decoding, from their
+    projections computed once, `context_kv`). `bias_BHLS` is added to the logits (T5's
+    relative position bias, [1 or B, H, L, S]).
     """
     names = ("batch", "length", "act_heads", "act_kv")
     q_BLHK = constrain(self.query(x_BLD), names)
-    k_BLGK = constrain(self.key(x_BLD), names)
-    v_BLGK = constrain(self.value(x_BLD), names)
+    if context_kv is not None:
+      k_BLGK, v_BLGK = context_kv
+    else:
+      source_BSD = x_BLD if context_BSD is None else context_BSD
+      k_BLGK = constrain(self.key(source_BSD), names)
+      v_BLGK = constrain(self.value(source_BSD), names)
     if self.rope_theta is not None:
       if positions_BL is None:
         positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
@@ -81,13 +93,18 @@ class MultiHeadAttention(nnx.Module):
       v_BLGK = jax.lax.dynamic_update_slice(values_BSGK, v_BLGK.astype(values_BSGK.dtype),
                                             (0, index, 0, 0))
     k_BSGK, v_BSGK = k_BLGK.astype(q_BLHK.dtype), v_BLGK.astype(q_BLHK.dtype)
+    scale = self.logit_scale if self.logit_scale is not None else q_BLHK.shape[-1] ** -0.5
+    if bias_BHLS is not None:
+      bias_BHLS = bias_BHLS.astype(q_BLHK.dtype)
     if rngs is None or self.dropout_rate == 0.0:
-      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS)
+      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS,
+                                              mask=mask_B1LS, scale=scale)
     else:
       groups = q_BLHK.shape[2] // k_BSGK.shape[2]
       k_BSHK, v_BSHK = (jnp.repeat(t, groups, axis=2) for t in (k_BSGK, v_BSGK))
-      scale = q_BLHK.shape[-1] ** -0.5
       logits_BHLS = jnp.einsum("bqhk,bthk->bhqt", q_BLHK * scale, k_BSHK)
+      if bias_BHLS is not None:
+        logits_BHLS = logits_BHLS + bias_BHLS
       logits_BHLS = jnp.where(mask_B1LS, logits_BHLS, jnp.finfo(logits_BHLS.dtype).min)
       probs_BHLS = jax.nn.softmax(logits_BHLS.astype(jnp.float32)).astype(v_BSHK.dtype)
       probs_BHLS = self.dropout(probs_BHLS, rngs=rngs)

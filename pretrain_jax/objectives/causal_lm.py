@@ -25,11 +25,15 @@ import seqio
 import tensorflow as tf
 
 
-def split_to_length(dataset, sequence_length, output_features):
+def split_to_length(dataset, sequence_length, output_features, length_of=None):
   """Cuts each tokenized document into consecutive chunks of at most L tokens, so long
-  documents are all read (the converter would otherwise truncate them to their first L)."""
+  documents are all read (the converter would otherwise truncate them to their first L).
+
+  L is the targets length, or `length_of(sequence_length)` (T5's objectives read raw chunks
+  sized so that their corrupted inputs fit).
+  """
   del output_features
-  length = sequence_length["targets"]
+  length = length_of(sequence_length) if length_of else sequence_length["targets"]
 
   def chunks(ex):
     tokens = ex["targets"]
@@ -57,13 +61,26 @@ class CausalLmFeatureConverter(seqio.DecoderFeatureConverter):
 
 @gin.configurable
 def causal_lm_loss(model, batch, rngs=None, z_loss: float = 0.0):
-  """Token-mean cross-entropy over the weighted positions (+ optional z-loss on log Z²).
-
-  Metrics are (numerator, denominator) sums, so `loss` is the exact mean over tokens and
-  `perplexity` = exp(loss) (see metrics.DERIVED).
-  """
+  """Next-token cross-entropy of a decoder (`Gpt`) over the packed batch."""
   logits_BLV = model(batch["decoder_input_tokens"], positions_BL=batch.get("decoder_positions"),
                      segment_ids_BL=batch.get("decoder_segment_ids"), rngs=rngs)
+  return token_cross_entropy(logits_BLV, batch, z_loss)
+
+
+@gin.configurable
+def text_to_text_loss(model, batch, rngs=None, z_loss: float = 0.0):
+  """The same loss for models that read the whole feature batch (T5 and its table's variants:
+  encoder inputs, or a decoder-only prefix)."""
+  return token_cross_entropy(model(batch, rngs=rngs), batch, z_loss)
+
+
+def token_cross_entropy(logits_BLV, batch, z_loss: float = 0.0):
+  """Token-mean cross-entropy over `decoder_loss_weights` (+ z_loss · mean log Z², which keeps
+  the softmax normaliser near 1; T5X uses 1e-4).
+
+  Metrics are (numerator, denominator) sums, so `loss` is the exact mean over tokens and
+  `perplexity` = exp(loss) (see metrics.reduce).
+  """
   logits_BLV = logits_BLV.astype(jnp.float32)
   targets_BL = batch["decoder_target_tokens"]
   weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
@@ -80,4 +97,3 @@ def causal_lm_loss(model, batch, rngs=None, z_loss: float = 0.0):
     loss = loss + z_loss * z_sum / jnp.maximum(count, 1.0)
     metrics["z_loss"] = (z_sum, count)
   return loss, metrics
-

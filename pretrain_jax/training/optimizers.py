@@ -1,7 +1,8 @@
-"""Optimizers and schedules by gin: BERT's AdamW recipe, LAMB as an option, GPT-3's cosine."""
+"""Optimizers and schedules by gin: BERT's AdamW, LAMB, GPT-3's cosine, T5's Adafactor."""
 
 import gin
 import jax
+import jax.numpy as jnp
 import optax
 
 from pretrain_jax.errors import UserError
@@ -28,6 +29,14 @@ def warmup_cosine_decay(num_steps: int, learning_rate: float = 6e-4, warmup_step
                                             end_value=learning_rate * final_fraction)
 
 
+@gin.configurable
+def rsqrt_decay(num_steps: int, learning_rate: float = 0.01,
+                warmup_steps: int = 10_000) -> optax.Schedule:
+  """T5: constant `learning_rate` for `warmup_steps`, then ∝ 1/√step (0.01 = 1/√10⁴)."""
+  del num_steps
+  return lambda step: learning_rate * jnp.sqrt(warmup_steps / jnp.maximum(step, warmup_steps))
+
+
 def decay_mask(params):
   """Weight decay on matrices only: BERT excludes LayerNorm parameters and biases (all 1-D)."""
   return jax.tree.map(lambda p: p.ndim > 1, params)
@@ -36,15 +45,18 @@ def decay_mask(params):
 @gin.configurable
 def make_optimizer(num_steps: int, name: str = "adamw", schedule=warmup_linear_decay,
                    weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-6, clip_norm: float | None = 1.0):
+                   eps: float = 1e-6, clip_norm: float | None = 1.0,
+                   adafactor_decay: float = 0.8):
   """Returns (optax transformation, schedule). Clipping by global norm comes first, as in BERT."""
   lr = schedule(num_steps)
   if name == "adamw":
     tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
   elif name == "lamb":
     tx = optax.lamb(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+  elif name == "adafactor":  # T5: β₂ decay 0.8, no momentum, factored second moments
+    tx = optax.adafactor(lr, decay_rate=adafactor_decay, momentum=None, factored=True)
   else:
-    raise UserError(f"make_optimizer.name={name!r}; valid: 'adamw', 'lamb'")
+    raise UserError(f"make_optimizer.name={name!r}; valid: 'adamw', 'lamb', 'adafactor'")
   if clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
   return tx, lr

@@ -35,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv", None),
     ("position", None),
     ("token_type", None),
+    ("relpos_buckets", None),
     ("expert", "expert"),
     ("length", None),
     ("act_embed", None),
@@ -110,6 +111,10 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: dict):
   """
   def one(x):
     names = x.get_metadata().get("out_sharding") if isinstance(x, nnx.Variable) else None
+    if names and len(names) != len(x.shape):
+      names = None  # a factored statistic (Adafactor's row/column second moments): replicate
+    elif names:  # a length-1 axis (Adafactor's placeholder statistics) cannot be split
+      names = tuple(None if size == 1 else n for n, size in zip(names, x.shape))
     spec = logical_to_spec(names, rules) if names else PartitionSpec()
     sharding = NamedSharding(mesh, spec)
     return x.replace(sharding) if isinstance(x, nnx.Variable) else sharding

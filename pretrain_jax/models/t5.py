@@ -1,0 +1,365 @@
+"""T5 (Raffel et al. 2020) and T5.1.1, plus the paper's architecture table in one module.
+
+    x⁰ = E[tokens]                                   (one embedding for both stacks)
+    encoder:  x ← x + Attn(RMSNorm(x), bidirectional bias)      x ← x + FF(RMSNorm(x))
+    decoder:  y ← y + Attn(RMSNorm(y), causal bias)             y ← y + CrossAttn(RMSNorm(y), enc)
+              y ← y + FF(RMSNorm(y))
+    logits = RMSNorm(y) Eᵀ / √d  (T5, tied)    or    RMSNorm(y) W_out  (T5.1.1)
+    FF = W_o ReLU(W_i x) (T5)    or    W_o (GELU(W_0 x) ⊙ W_1 x) (T5.1.1)
+
+No biases anywhere; attention logits are not scaled by 1/√d_kv (the query initialisation
+absorbs it); positions enter only as a learned scalar per (relative-distance bucket, head),
+computed by each stack's first layer and shared by all its layers.
+
+`architecture` picks a row of the T5 paper's Table 2 (all with the same blocks):
+    encoder_decoder          L encoder + L decoder layers
+    encoder_decoder_shared   the decoder reuses the encoder layers' self-attention and FF
+    encoder_decoder_half     L/2 + L/2 layers
+    decoder_only             an L-layer causal language model over inputs ++ targets
+    prefix_lm                the same, attending bidirectionally within the inputs prefix
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pretrain_jax.errors import UserError
+from pretrain_jax.layers.attention import MultiHeadAttention, causal_mask
+from pretrain_jax.layers.linear import Dense, Embed, RMSNorm
+from pretrain_jax.layers.mlp import GatedMlp, Mlp
+from pretrain_jax.training.partitioning import constrain
+
+ARCHITECTURES = ("encoder_decoder", "encoder_decoder_shared", "encoder_decoder_half",
+                 "decoder_only", "prefix_lm")
+MLPS = ("relu", "gated-gelu")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  vocab_size: int = 32128
+  d_model: int = 512
+  num_heads: int = 8
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_layers: int = 6  # per stack for encoder-decoders; the whole stack for decoder-only
+  architecture: str = "encoder_decoder"
+  mlp: str = "relu"  # T5: relu; T5.1.1: gated-gelu
+  tie_embeddings: bool = True  # T5: tied, logits scaled by 1/√d_model; T5.1.1: untied
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-6
+  dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.architecture not in ARCHITECTURES:
+      raise UserError(f"T5Config.architecture={self.architecture!r}; valid: {ARCHITECTURES}")
+    if self.mlp not in MLPS:
+      raise UserError(f"T5Config.mlp={self.mlp!r}; valid: {MLPS}")
+    if self.architecture == "encoder_decoder_half" and self.num_layers % 2:
+      raise UserError(f"T5Config.num_layers={self.num_layers} cannot be halved")
+
+  @property
+  def is_encoder_decoder(self) -> bool:
+    return self.architecture.startswith("encoder_decoder")
+
+  @property
+  def stack_layers(self) -> int:
+    return self.num_layers // 2 if self.architecture == "encoder_decoder_half" else self.num_layers
+
+
+def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int):
+  """T5's buckets for key_position − query_position: exact for small distances, then
+  logarithmic up to max_distance, beyond which all share the last bucket. A bidirectional
+  stack spends half the buckets on each direction; a causal one sees only the past."""
+  bucket = 0
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    bucket = (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  large = max_exact + (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+                       / math.log(max_distance / max_exact) * (num_buckets - max_exact))
+  large = jnp.minimum(large.astype(jnp.int32), num_buckets - 1)
+  return bucket + jnp.where(n < max_exact, n, large)
+
+
+class RelativePositionBias(nnx.Module):
+  """A learned scalar per (bucket, head), added to every layer's attention logits."""
+
+  def __init__(self, cfg: T5Config, bidirectional: bool, *, rngs: nnx.Rngs):
+    self.bidirectional, self.cfg = bidirectional, cfg
+    self.embedding = Embed(cfg.relative_buckets, cfg.num_heads, ("relpos_buckets", "heads"),
+                           init_std=1.0, dtype=cfg.dtype, rngs=rngs)
+
+  def __call__(self, query_positions_BL, key_positions_BS):
+    buckets_BLS = relative_position_bucket(
+        key_positions_BS[:, None, :] - query_positions_BL[:, :, None],
+        bidirectional=self.bidirectional, num_buckets=self.cfg.relative_buckets,
+        max_distance=self.cfg.relative_max_distance)
+    return jnp.transpose(self.embedding(buckets_BLS), (0, 3, 1, 2))  # [B, H, L, S]
+
+
+def _attention(cfg: T5Config, rngs) -> MultiHeadAttention:
+  d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
+  return MultiHeadAttention(
+      d, cfg.num_heads, head_dim=cfg.d_kv, dropout_rate=cfg.dropout_rate, use_bias=False,
+      init_std=d ** -0.5, query_init_std=(d * cfg.d_kv) ** -0.5, out_init_std=inner ** -0.5,
+      logit_scale=1.0, dtype=cfg.dtype, rngs=rngs)
+
+
+def _feed_forward(cfg: T5Config, rngs):
+  common = dict(use_bias=False, init_std=cfg.d_model ** -0.5, out_init_std=cfg.d_ff ** -0.5,
+                dtype=cfg.dtype, rngs=rngs)
+  if cfg.mlp == "gated-gelu":
+    return GatedMlp(cfg.d_model, cfg.d_ff, functools.partial(jax.nn.gelu, approximate=True),
+                    **common)
+  return Mlp(cfg.d_model, cfg.d_ff, jax.nn.relu, **common)
+
+
+class T5Block(nnx.Module):
+  """Self-attention (+ cross-attention in a decoder) + feed-forward, each pre-RMSNorm."""
+
+  def __init__(self, cfg: T5Config, cross_attention: bool, *, rngs: nnx.Rngs,
+               shared: "T5Block | None" = None):
+    norm = lambda: RMSNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, rngs=rngs)
+    if shared is None:
+      self.attention_norm, self.attention = norm(), _attention(cfg, rngs)
+      self.mlp_norm, self.mlp = norm(), _feed_forward(cfg, rngs)
+    else:  # the T5 paper's "shared" encoder-decoder: the same weights serve both stacks
+      self.attention_norm, self.attention = shared.attention_norm, shared.attention
+      self.mlp_norm, self.mlp = shared.mlp_norm, shared.mlp
+    if cross_attention:
+      self.cross_norm, self.cross_attention = norm(), _attention(cfg, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout_rate)
+
+  def __call__(self, x_BLD, mask_BHLS, bias_BHLS, *, context_BSD=None, context_mask_B1LS=None,
+               cache=None, context_kv=None, rngs=None):
+    drop = lambda t: self.dropout(t, rngs=rngs, deterministic=rngs is None)
+    a_BLD, kv = self.attention(self.attention_norm(x_BLD), mask_BHLS, bias_BHLS=bias_BHLS,
+                               cache=cache, rngs=rngs)
+    x_BLD = x_BLD + drop(a_BLD)
+    cross_kv = None
+    if context_BSD is not None or context_kv is not None:
+      c_BLD, cross_kv = self.cross_attention(self.cross_norm(x_BLD), context_mask_B1LS,
+                                             context_BSD=context_BSD, context_kv=context_kv,
+                                             rngs=rngs)
+      x_BLD = x_BLD + drop(c_BLD)
+    x_BLD = x_BLD + drop(self.mlp(self.mlp_norm(x_BLD)))
+    return constrain(x_BLD, ("batch", "length", "act_embed")), kv, cross_kv
+
+
+class T5Stack(nnx.Module):
+  """A stack of blocks with its relative position bias and final RMSNorm."""
+
+  def __init__(self, cfg: T5Config, *, decoder: bool, bidirectional: bool, rngs: nnx.Rngs,
+               shared_with: "T5Stack | None" = None):
+    self.cfg = cfg
+    self.position_bias = RelativePositionBias(cfg, bidirectional, rngs=rngs)
+    shared = shared_with.blocks if shared_with is not None else [None] * cfg.stack_layers
+    self.blocks = nnx.List([T5Block(cfg, cross_attention=decoder, rngs=rngs, shared=s)
+                            for s in shared])
+    self.final_norm = RMSNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                              rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout_rate)
+
+  def __call__(self, x_BLD, mask_BHLS, positions_BL, key_positions_BS=None, *, context_BSD=None,
+               context_mask_B1LS=None, caches=None, context_kvs=None, rngs=None):
+    drop = lambda t: self.dropout(t, rngs=rngs, deterministic=rngs is None)
+    bias_BHLS = self.position_bias(positions_BL, positions_BL if key_positions_BS is None
+                                   else key_positions_BS)
+    x_BLD = drop(x_BLD)
+    kvs, cross_kvs = [], []
+    for i, block in enumerate(self.blocks):
+      kwargs = dict(context_BSD=context_BSD, context_mask_B1LS=context_mask_B1LS,
+                    cache=None if caches is None else caches[i],
+                    context_kv=None if context_kvs is None else context_kvs[i], rngs=rngs)
+      if self.cfg.remat:
+        x_BLD, kv, cross_kv = nnx.remat(lambda b, x, m, p, kw: b(x, m, p, **kw))(
+            block, x_BLD, mask_BHLS, bias_BHLS, kwargs)
+      else:
+        x_BLD, kv, cross_kv = block(x_BLD, mask_BHLS, bias_BHLS, **kwargs)
+      kvs.append(kv)
+      cross_kvs.append(cross_kv)
+    return drop(self.final_norm(x_BLD)), kvs, cross_kvs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class T5Cache:
+  """Decoder self-attention keys/values by slot, plus the encoder's keys/values per layer."""
+  keys: list[jax.Array]
+  values: list[jax.Array]
+  valid_BS: jax.Array
+  index: jax.Array
+  context_keys: list[jax.Array]
+  context_values: list[jax.Array]
+  context_valid_BS: jax.Array
+
+
+class T5(nnx.Module):
+  """The shared embedding, the stack(s) and the output projection."""
+
+  def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.token_embed = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), init_std=1.0,
+                             dtype=cfg.dtype, rngs=rngs)
+    if cfg.is_encoder_decoder:
+      self.encoder = T5Stack(cfg, decoder=False, bidirectional=True, rngs=rngs)
+      shared = self.encoder if cfg.architecture == "encoder_decoder_shared" else None
+      self.decoder = T5Stack(cfg, decoder=True, bidirectional=False, rngs=rngs,
+                             shared_with=shared)
+    else:  # a prefix LM's bucket table must cover both directions
+      self.decoder = T5Stack(cfg, decoder=False, bidirectional=cfg.architecture == "prefix_lm",
+                             rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                           init_std=cfg.d_model ** -0.5, dtype=cfg.dtype, rngs=rngs)
+
+  def logits(self, y_BLD):
+    if self.cfg.tie_embeddings:
+      logits_BLV = self.token_embed.attend(y_BLD * self.cfg.d_model ** -0.5)
+    else:
+      logits_BLV = self.lm_head(y_BLD)
+    return constrain(logits_BLV, ("batch", "length", "act_vocab"))
+
+  def encode(self, tokens_BS, segment_ids_BS=None, positions_BS=None, rngs=None):
+    segment_ids_BS = (tokens_BS > 0).astype(jnp.int32) if segment_ids_BS is None else segment_ids_BS
+    positions_BS = _positions(tokens_BS) if positions_BS is None else positions_BS
+    same_BSS = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
+    mask_B1SS = (same_BSS & (segment_ids_BS != 0)[:, None, :])[:, None]
+    h_BSD, _, _ = self.encoder(self.token_embed(tokens_BS), mask_B1SS, positions_BS, rngs=rngs)
+    return h_BSD
+
+  def __call__(self, batch: dict, rngs=None):
+    """Next-token logits for a batch of SeqIO features (encoder-decoder or decoder-only)."""
+    tokens_BL = batch["decoder_input_tokens"]
+    segments_BL = batch.get("decoder_segment_ids")
+    if segments_BL is None:
+      segments_BL = jnp.ones_like(tokens_BL)
+    positions_BL = batch.get("decoder_positions", _positions(tokens_BL))
+    mask_B1LL = causal_mask(segments_BL)
+    context = {}
+    if self.cfg.is_encoder_decoder:
+      encoder_tokens_BS = batch["encoder_input_tokens"]
+      encoder_segments_BS = batch.get("encoder_segment_ids",
+                                      (encoder_tokens_BS > 0).astype(jnp.int32))
+      context_BSD = self.encode(encoder_tokens_BS, encoder_segments_BS,
+                                batch.get("encoder_positions"), rngs=rngs)
+      if "decoder_segment_ids" in batch:  # packed: a decoder row reads only its own inputs
+        same_BLS = segments_BL[:, :, None] == encoder_segments_BS[:, None, :]
+      else:
+        same_BLS = jnp.ones(segments_BL.shape + encoder_segments_BS.shape[1:], bool)
+      context = dict(context_BSD=context_BSD,
+                     context_mask_B1LS=(same_BLS & (encoder_segments_BS != 0)[:, None, :])[:, None])
+    elif self.cfg.architecture == "prefix_lm" and "decoder_causal_attention" in batch:
+      # Raffel et al.: the inputs prefix (and the position that reads its last token) is
+      # visible in both directions; the targets stay causal.
+      prefix_BL = batch["decoder_causal_attention"] > 0
+      same_BLL = segments_BL[:, :, None] == segments_BL[:, None, :]
+      mask_B1LL = mask_B1LL | (same_BLL & prefix_BL[:, None, :] & prefix_BL[:, :, None])[:, None]
+    y_BLD, _, _ = self.decoder(self.token_embed(tokens_BL), mask_B1LL, positions_BL,
+                               rngs=rngs, **context)
+    return self.logits(y_BLD)
+
+  # Incremental decoding (encoder-decoders) ---------------------------------------------------
+
+  def init_cache(self, encoder_tokens_BS, slots: int) -> T5Cache:
+    """Runs the encoder once and projects its output into every decoder layer's keys/values."""
+    context_BSD = self.encode(encoder_tokens_BS)
+    batch = encoder_tokens_BS.shape[0]
+    shape = (batch, slots, self.cfg.num_heads, self.cfg.d_kv)
+    zeros = lambda: [jnp.zeros(shape, self.cfg.dtype) for _ in self.decoder.blocks]
+    keys, values = [], []
+    for block in self.decoder.blocks:
+      keys.append(block.cross_attention.key(context_BSD))
+      values.append(block.cross_attention.value(context_BSD))
+    return T5Cache(zeros(), zeros(), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32),
+                   keys, values, encoder_tokens_BS > 0)
+
+  def decode(self, tokens_BL, positions_BL, valid_BL, cache: T5Cache):
+    """Decoder steps over the cache: (logits [B, L, V], cache)."""
+    length, slots = tokens_BL.shape[1], cache.valid_BS.shape[1]
+    valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, valid_BL, (0, cache.index))
+    query_slot_L = cache.index + jnp.arange(length)
+    causal_LS = jnp.arange(slots)[None, :] <= query_slot_L[:, None]
+    mask_B1LS = (causal_LS[None] & valid_BS[:, None, :])[:, None]
+    key_positions_BS = jnp.broadcast_to(jnp.arange(slots), valid_BS.shape)
+    caches = [(k, v, cache.index) for k, v in zip(cache.keys, cache.values)]
+    context_mask_B1LS = jnp.broadcast_to(cache.context_valid_BS[:, None, None, :],
+                                         (tokens_BL.shape[0], 1, length,
+                                          cache.context_valid_BS.shape[1]))
+    y_BLD, kvs, _ = self.decoder(
+        self.token_embed(tokens_BL), mask_B1LS, positions_BL, key_positions_BS,
+        context_mask_B1LS=context_mask_B1LS, caches=caches,
+        context_kvs=list(zip(cache.context_keys, cache.context_values)))
+    new = dataclasses.replace(cache, keys=[k for k, _ in kvs], values=[v for _, v in kvs],
+                              valid_BS=valid_BS, index=cache.index + length)
+    return self.logits(y_BLD), new
+
+  def train_flops_per_token(self, seq_len: int) -> float:
+    return flops_per_token(self.cfg, seq_len)
+
+
+class T5Decoding(nnx.Module):
+  """Adapts an encoder-decoder to inference/decoding.py's protocol for a batch of inputs:
+  `init_cache` encodes them, the decoder prompt is BOS (id 0)."""
+
+  def __init__(self, model: T5, encoder_tokens_BS):
+    self.model = model
+    self.encoder_tokens = nnx.Variable(jnp.asarray(encoder_tokens_BS, jnp.int32))
+
+  def init_cache(self, batch: int, slots: int) -> T5Cache:
+    del batch
+    return self.model.init_cache(self.encoder_tokens[...], slots)
+
+  def decode(self, tokens_BL, positions_BL, valid_BL, cache):
+    return self.model.decode(tokens_BL, positions_BL, valid_BL, cache)
+
+
+def _positions(tokens_BL):
+  return jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+
+
+@gin.configurable
+def t5(seed: int, cfg: T5Config = gin.REQUIRED) -> T5:
+  """The trainer's model factory."""
+  return T5(cfg, rngs=nnx.Rngs(seed))
+
+
+def param_count(cfg: T5Config) -> int:
+  """t5-small 60,506,624; t5-base 222,903,552; t5-large 737,668,096 (the published counts)."""
+  d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
+  attention = 4 * d * inner
+  ff = (3 if cfg.mlp == "gated-gelu" else 2) * d * cfg.d_ff
+  block = attention + ff + 2 * d
+  stacks = cfg.relative_buckets * cfg.num_heads + d  # bias table + final norm, per stack
+  n = cfg.stack_layers
+  if cfg.is_encoder_decoder:
+    decoder_own = n * (attention + d) if cfg.architecture == "encoder_decoder_shared" else n * (
+        block + attention + d)
+    body = n * block + decoder_own + 2 * stacks
+  else:
+    body = n * block + stacks
+  head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+  return cfg.vocab_size * d + body + head
+
+
+def flops_per_token(cfg: T5Config, seq_len: int) -> float:
+  """6 × matmul parameters touched per token (inputs and targets both counted as tokens)."""
+  d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
+  block = 4 * d * inner + (3 if cfg.mlp == "gated-gelu" else 2) * d * cfg.d_ff
+  return 6.0 * (cfg.stack_layers * (block + 2 * inner * seq_len) + d * cfg.vocab_size)
