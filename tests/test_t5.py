@@ -158,3 +158,26 @@ def test_adafactor_state_is_factored_and_placed():
   schedule = bound("make_optimizer.schedule")(10)
   np.testing.assert_allclose([float(schedule(s)) for s in (0, 5000, 10_000, 40_000)],
                              [0.01, 0.01, 0.01, 0.005], rtol=1e-6)
+
+
+def test_generate_verb_fills_spans_with_greedy_and_beam_search(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  _train(tmp_path / "t5", 4, "train.checkpoint_every = 4")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cli = lambda *a: subprocess.run([sys.executable, "-m", "pretrain_jax", "generate",
+                                   f"--model_dir={tmp_path / 't5'}", *a], cwd=repo, env=env,
+                                  capture_output=True, text=True, timeout=600)
+  prompts = ["The <extra_id_0> said on Monday.", "Shares in <extra_id_0> rose."]
+  for extra in ([], ["--beam_size=3"]):
+    run = cli(*[f"--prompt={p}" for p in prompts], "--max_new_tokens=6", "--json", *extra)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    assert all(len(r["tokens"]) <= 6 for r in rows)
+  bad = cli("--prompt=x", "--beam_size=2", "--temperature=0.7")
+  assert bad.returncode == 2 and "beam search is deterministic" in bad.stderr
