@@ -52,18 +52,15 @@ PAPER_GLUE = {("encoder_decoder", "denoising"): 83.28, ("encoder_decoder_shared"
 
 
 def _bindings(architecture: str, task: str, inputs: int, targets: int, loss_on_all: bool):
-  """Gin bindings for one architecture: encoder-decoders read inputs and write targets;
-  decoder-only models read inputs ++ targets as one sequence."""
-  common = [f"T5Config.architecture = '{architecture}'", f"train.task = '{task}'",
-            f"feature_lengths.targets_length = {targets}"]
-  if architecture.startswith("encoder_decoder"):
-    return common + ["train.feature_converter = @seqio.EncDecFeatureConverter()",
-                     "feature_lengths.concatenated = False", f"train.sequence_length = {inputs}"]
-  return common + ["train.feature_converter = @CausalLmFeatureConverter()",
-                   "CausalLmFeatureConverter.pack = True",
-                   f"CausalLmFeatureConverter.loss_on_targets_only = {not loss_on_all}",
-                   "feature_lengths.concatenated = True",
-                   f"train.sequence_length = {inputs + targets}"]
+  """The architecture's overlay (gin_configs/t5_table/) plus lengths: encoder-decoders read
+  inputs and write targets; decoder-only models read inputs ++ targets as one sequence."""
+  encoder_decoder = architecture.startswith("encoder_decoder")
+  bindings = [f"include 't5_table/{architecture}.gin'", f"train.task = '{task}'",
+              f"feature_lengths.targets_length = {targets}",
+              f"train.sequence_length = {inputs if encoder_decoder else inputs + targets}"]
+  if loss_on_all:
+    bindings.append("CausalLmFeatureConverter.loss_on_targets_only = False")
+  return bindings
 
 
 def _run(model_dir: str, bindings: list[str]) -> list[dict]:
