@@ -7,11 +7,12 @@ A `--models` entry is a BERT size (`tiny`, `mini`, `small`, ...: `models/bert_<n
 
 For each model config and compute dtype: build the real `trainer.Setup` (AdamW, MLM + NSP or
 causal LM loss, data-parallel mesh over the visible devices), pre-fetch a few real host batches
-from the bundled BBC task into memory (so the input pipeline is NOT measured; the host-to-device copy of each
-batch inside `Setup.train_step` is), time the first step (compile + one step), warm up, then
-time `--steps` steps `--repeats` times and report the median. Repeats are interleaved across
-configs (round 1 runs every config, then round 2, ...) so that load from other processes on a
-shared machine hits all configs alike: compare the same-run ratios printed at the end.
+from the bundled BBC task into memory (so the input pipeline is NOT measured; the
+host-to-device copy of each batch inside `Setup.train_step` is), time the first step (compile +
+one step), warm up, then time `--steps` steps `--repeats` times and report the median. Repeats
+are interleaved across configs (round 1 runs every config, then round 2, ...) so that load from
+other processes on a shared machine hits all configs alike: compare the same-run ratios printed
+at the end.
 
   .venv/bin/python scripts/benchmark_train_step.py --models mini,small --batch_size 32 \
       --seq_len 128 --steps 20 --dtypes float32,bfloat16 --output /tmp/bench.json
@@ -109,8 +110,9 @@ class Bench:
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default="mini,small", help="comma list of BERT sizes (tiny, mini, small, ...) and decoder "
-                 "configs (gpt_tiny, modern_decoder_tiny, gpt2_small, ...)")
+  p.add_argument("--models", default="mini,small",
+                 help="comma list of BERT sizes (tiny, mini, small, ...) and decoder configs "
+                      "(gpt_tiny, modern_decoder_tiny, gpt2_small, ...)")
   p.add_argument("--batch_size", default="32", help="comma list, e.g. 8,32")
   p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
