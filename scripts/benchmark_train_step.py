@@ -3,7 +3,10 @@
 A `--models` entry is a BERT size (`tiny`, `mini`, `small`, ...: `models/bert_<name>.gin` +
 `objectives/bert.gin` + `runs/pretrain.gin`) or a decoder config (`gpt_tiny`,
 `modern_decoder_tiny`, `gpt2_small`, ...: `models/<name>.gin` + `objectives/causal_lm.gin` +
-`runs/gpt_pretrain.gin`, max_positions raised to the sequence length if needed).
+`runs/gpt_pretrain.gin`, max_positions raised to the sequence length if needed) or a T5
+config (`t5_tiny`, `t5_small`, ...: `models/<name>.gin` + `objectives/t5_span_corruption.gin` +
+`runs/t5_pretrain.gin`, encoder inputs of seq_len and targets of seq_len / 4; tokens/s counts
+both).
 
 For each model config and compute dtype: build the real `trainer.Setup` (AdamW, MLM + NSP or
 causal LM loss, data-parallel mesh over the visible devices), pre-fetch a few real host batches
@@ -64,6 +67,11 @@ def configure_model(model: str, dtype: str, seq_len: int) -> None:
     configure([f"models/{name}.gin", "objectives/bert.gin", "runs/pretrain.gin"],
               ["BertConfig.vocab_size = 8053", f"BertConfig.dtype = '{dtype}'"])
     return
+  if name.startswith("t5"):  # encoder inputs of seq_len, span-corruption targets of seq_len / 4
+    configure([f"models/{name}.gin", "objectives/t5_span_corruption.gin", "runs/t5_pretrain.gin"],
+              ["T5Config.vocab_size = 8128", f"T5Config.dtype = '{dtype}'",
+               f"feature_lengths.targets_length = {seq_len // 4}"])
+    return
   configure([f"models/{name}.gin", "objectives/causal_lm.gin", "runs/gpt_pretrain.gin"],
             ["GptConfig.vocab_size = 8128", f"GptConfig.dtype = '{dtype}'"])
   if bound("GptConfig.max_positions") < seq_len:  # learned position tables stop there
@@ -78,8 +86,12 @@ class Bench:
     q = bound
     self.setup = trainer.Setup(q("train.model"), q("train.loss_fn"), num_steps=1000)
     self.state = self.setup.init_state()
-    data = pipeline.TrainBatches(q("train.task"), {"inputs": seq_len, "targets": seq_len},
-                                 q("train.feature_converter"), batch_size, seed=0)
+    lengths = pipeline.feature_lengths(seq_len)
+    data = pipeline.TrainBatches(q("train.task"), lengths, q("train.feature_converter"),
+                                 batch_size, seed=0)
+    # tokens a step processes: an encoder-decoder reads inputs and writes targets
+    self.tokens_per_step = batch_size * (
+        seq_len + (lengths["targets"] if not q("feature_lengths.concatenated", True) else 0))
     self.batches = itertools.cycle([next(data) for _ in range(NUM_BATCHES)])
     flops = self.setup.flops_per_token and self.setup.flops_per_token(seq_len)
     self.result = {"model": model_name(model), "dtype": dtype, "batch_size": batch_size,
@@ -100,7 +112,7 @@ class Bench:
     r = self.result
     r["step_s"] = statistics.median(r["step_s_repeats"])
     r["steps_per_s"] = 1 / r["step_s"]
-    r["tokens_per_s"] = r["batch_size"] * r["seq_len"] / r["step_s"]
+    r["tokens_per_s"] = self.tokens_per_step / r["step_s"]
     r["gflops_per_s"] = (r["flops_per_token"] * r["tokens_per_s"] / 1e9
                          if r["flops_per_token"] else None)
     r["last_loss"] = float(self.metrics["loss"][0] / self.metrics["loss"][1])

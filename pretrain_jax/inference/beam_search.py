@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from pretrain_jax.errors import UserError
-from pretrain_jax.inference.decoding import left_pad
+from pretrain_jax.inference.decoding import left_pad, prefill
 
 PAD = 0  # what finished beams append; never returned
 
@@ -70,12 +70,10 @@ def _beam_search(graphdef, state, prompt_BP, valid_BP, alpha, *, max_new_tokens:
   model = nnx.merge(graphdef, state)
   batch, width = prompt_BP.shape
   K = beam_size
-  cache = model.init_cache(batch, width + max_new_tokens)
-  positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
-  logits_BPV, cache = model.decode(prompt_BP, positions_BP, valid_BP, cache)
-  vocab = logits_BPV.shape[-1]
+  last_logits_BV, cache = prefill(model, prompt_BP, valid_BP, width + max_new_tokens)
+  vocab = last_logits_BV.shape[-1]
   log_probs_BKV = jnp.repeat(
-      jax.nn.log_softmax(logits_BPV[:, -1].astype(jnp.float32), axis=-1)[:, None], K, axis=1)
+      jax.nn.log_softmax(last_logits_BV.astype(jnp.float32), axis=-1)[:, None], K, axis=1)
   cache = _repeat_rows(cache, K)
   position_B1 = valid_BP.sum(axis=1, keepdims=True).astype(jnp.int32)
   row_base_B1 = jnp.arange(batch)[:, None] * K

@@ -2,7 +2,9 @@
 
 Shared by every family. A model decodes if it has
     init_cache(batch, slots) -> cache
-    decode(tokens_BL, positions_BL, valid_BL, cache) -> (logits_BLV, cache)
+    decode(tokens_BL, positions_BL, valid_BL, cache, last_only=False) -> (logits_BLV, cache)
+(`last_only`: logits of the last position only, [B, 1, V] — all a prefill needs), and every
+array of its cache has the batch as its leading axis (beam search reorders rows).
 Prompts of different lengths are left-padded so that all rows write the same cache slot at
 each step; padded slots are marked invalid and never attended to, and positions count only
 real tokens, so a padded row decodes exactly as it would alone.
@@ -35,15 +37,22 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
   return tokens, valid
 
 
+def prefill(model, prompt_BP, valid_BP, slots: int):
+  """Runs the left-padded prompts through a fresh cache: (last position's logits [B, V],
+  cache). Positions count real tokens only, so padding shifts nothing."""
+  cache = model.init_cache(prompt_BP.shape[0], slots)
+  positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
+  logits_B1V, cache = model.decode(prompt_BP, positions_BP, valid_BP, cache, last_only=True)
+  return logits_B1V[:, -1], cache
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
                                              "eos_id"))
 def _generate(graphdef, state, prompt_BP, valid_BP, key, *, max_new_tokens: int,
               sampling: Sampling, eos_id: int | None):
   model = nnx.merge(graphdef, state)
   batch, width = prompt_BP.shape
-  cache = model.init_cache(batch, width + max_new_tokens)
-  positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
-  logits_BPV, cache = model.decode(prompt_BP, positions_BP, valid_BP, cache)
+  last_logits_BV, cache = prefill(model, prompt_BP, valid_BP, width + max_new_tokens)
   ones_B1 = jnp.ones((batch, 1), bool)
 
   def step(carry):
@@ -60,7 +69,7 @@ def _generate(graphdef, state, prompt_BP, valid_BP, key, *, max_new_tokens: int,
     i, *_, done_B, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done_B)
 
-  carry = (jnp.int32(0), logits_BPV[:, -1], cache, valid_BP.sum(axis=1).astype(jnp.int32),
+  carry = (jnp.int32(0), last_logits_BV, cache, valid_BP.sum(axis=1).astype(jnp.int32),
            jnp.zeros((batch, max_new_tokens), jnp.int32), jnp.zeros((batch,), bool), key)
   carry = jax.lax.while_loop(running, step, carry)
   return carry[4], carry[0]

@@ -196,7 +196,7 @@ class Gpt(nnx.Module):
     zeros = lambda: [jnp.zeros(shape, self.cfg.dtype) for _ in range(self.cfg.num_layers)]
     return KVCache(zeros(), zeros(), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
-  def decode(self, tokens_BL, positions_BL, valid_BL, cache: KVCache):
+  def decode(self, tokens_BL, positions_BL, valid_BL, cache: KVCache, last_only: bool = False):
     """Runs L new tokens (a prompt, or one sampled token) through the cache.
 
     Query slot index + i sees every valid slot ≤ index + i. Returns (logits [B, L, V], cache).
@@ -211,7 +211,7 @@ class Gpt(nnx.Module):
     h_BLD, kvs = self.hidden_states(tokens_BL, positions_BL, mask_B1LS, caches)
     new_cache = KVCache([k for k, _ in kvs], [v for _, v in kvs], valid_BS,
                         cache.index + length)
-    return self.logits(h_BLD), new_cache
+    return self.logits(h_BLD[:, -1:] if last_only else h_BLD), new_cache
 
   # Accounting ------------------------------------------------------------------------------------
 

@@ -290,7 +290,7 @@ class T5(nnx.Module):
     return T5Cache(zeros(), zeros(), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32),
                    keys, values, encoder_tokens_BS > 0)
 
-  def decode(self, tokens_BL, positions_BL, valid_BL, cache: T5Cache):
+  def decode(self, tokens_BL, positions_BL, valid_BL, cache: T5Cache, last_only: bool = False):
     """Decoder steps over the cache: (logits [B, L, V], cache)."""
     length, slots = tokens_BL.shape[1], cache.valid_BS.shape[1]
     valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, valid_BL, (0, cache.index))
@@ -308,7 +308,7 @@ class T5(nnx.Module):
         context_kvs=list(zip(cache.context_keys, cache.context_values)))
     new = dataclasses.replace(cache, keys=[k for k, _ in kvs], values=[v for _, v in kvs],
                               valid_BS=valid_BS, index=cache.index + length)
-    return self.logits(y_BLD), new
+    return self.logits(y_BLD[:, -1:] if last_only else y_BLD), new
 
   def train_flops_per_token(self, seq_len: int) -> float:
     return flops_per_token(self.cfg, seq_len)
@@ -326,8 +326,8 @@ class T5Decoding(nnx.Module):
     del batch
     return self.model.init_cache(self.encoder_tokens[...], slots)
 
-  def decode(self, tokens_BL, positions_BL, valid_BL, cache):
-    return self.model.decode(tokens_BL, positions_BL, valid_BL, cache)
+  def decode(self, tokens_BL, positions_BL, valid_BL, cache, last_only: bool = False):
+    return self.model.decode(tokens_BL, positions_BL, valid_BL, cache, last_only)
 
 
 def _positions(tokens_BL):
