@@ -84,7 +84,7 @@ def topic_accuracy(model_dir: str, inputs_length: int, batch_size: int = 40) -> 
   examples = _topic_examples()
   rows = []
   for text, _ in examples:
-    ids = vocab.encode(" ".join(text.split()))[:inputs_length]
+    ids = vocab.encode(" ".join(text.split()))[:inputs_length - 1] + [vocab.eos_id]
     rows += [{"inputs": ids, "targets": vocab.encode(t) + [vocab.eos_id]} for t in topics]
   ds = tf.data.Dataset.from_generator(
       lambda: iter(rows), output_signature={k: tf.TensorSpec([None], tf.int32)

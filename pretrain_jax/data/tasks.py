@@ -89,12 +89,16 @@ def _bbc_topics(split):
 
 
 def _topic_task(name: str, source: seqio.DataSource, vocabulary, gpt_format: bool):
-  preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos]
+  """T5 style: inputs cut to fit and closed by EOS (the decoder-only rows of the T5 table
+  need that boundary); GPT style: [START] inputs [EXTRACT] instead."""
   if gpt_format:
-    preprocessors.append(classification.gpt_format)
+    preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos,
+                     classification.gpt_format]
+  else:
+    preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
   return seqio.TaskRegistry.add(
       name, source=source, preprocessors=preprocessors,
-      output_features={"inputs": seqio.Feature(vocabulary, add_eos=False),
+      output_features={"inputs": seqio.Feature(vocabulary, add_eos=not gpt_format),
                        "targets": seqio.Feature(vocabulary, add_eos=True)},
       metric_fns=[])
 
