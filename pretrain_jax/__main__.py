@@ -107,7 +107,8 @@ def main(argv=None) -> int:
       print(json.dumps(trainer.evaluate_checkpoint(args.model_dir, args.split or "validation")))
     elif args.verb == "show-data":
       from pretrain_jax.data import show
-      show.main(task=args.task, split=args.split or "train", num=args.num or 3,
+      show.main(task=args.task, split=args.split or "train",
+                num=3 if args.num is None else args.num,
                 as_json=args.json, list_tasks=args.list, sequence_length=args.sequence_length)
     elif args.verb in ("generate", "icl"):
       if not args.model_dir:
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
                      args.beam_size)
       else:
         cli.icl(args.model_dir, args.task, args.split or "validation", args.shots, args.mode,
-                args.template, args.separator.encode().decode("unicode_escape"),
+                args.template, args.separator.replace("\\n", "\n").replace("\\t", "\t"),
                 args.max_input_words, args.num, args.seed, args.json, args.calibrate)
   except UserError as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # gin appends a context line

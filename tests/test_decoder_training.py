@@ -246,8 +246,19 @@ def test_generate_and_icl_verbs(pretrained, tmp_path):
     (["generate", "--prompt=x", "--max_new_tokens=0"], "max_new_tokens=0"),
     (["icl"], "needs --task"),
     (["icl", "--task=bbc_lm"], "text-to-text"),
+    (["icl", "--task=bbc_topic", "--num=0"], "num_examples=0"),
 ])
 def test_verbs_refuse_bad_input(pretrained, args, message):
   run = _cli(*args, f"--model_dir={pretrained}")
   assert run.returncode == 2, run.stderr
   assert message in run.stderr and run.stderr.count("\n") == 1, run.stderr
+
+
+def test_reading_a_missing_run_creates_nothing(tmp_path):
+  missing = tmp_path / "no_such_run"
+  run = _cli("generate", f"--gin_file=experiments/gpt_tiny_cpu.gin", f"--model_dir={missing}",
+             "--prompt=x")
+  assert run.returncode == 2 and "no such directory" in run.stderr, run.stderr
+  with pytest.raises(UserError, match="no such directory"):
+    _train(tmp_path / "clf", 2, f"train.init_from = '{missing}'")
+  assert not missing.exists()

@@ -221,3 +221,15 @@ def test_table_rows_train_with_other_objectives(tmp_path, overlay, objective):
   trainer.train(str(tmp_path), progress=False)
   losses = _losses(metrics_lib.read(str(tmp_path)), "validation")
   assert losses[-1] < losses[0] - 0.2, losses
+
+
+def test_raw_chunks_fit_both_inputs_and_targets():
+  from pretrain_jax.data import tasks
+  from pretrain_jax.errors import UserError
+  lengths = {"inputs": 128, "targets": 16}
+  with pytest.raises(UserError, match=">= 29"):
+    tasks._raw_length("span_corruption")(lengths)  # pylint: disable=protected-access
+  assert tasks._raw_length("span_corruption")({"inputs": 512, "targets": 114}) == 568  # pylint: disable=protected-access
+  assert tasks._raw_length("deshuffle")(lengths) == 15  # pylint: disable=protected-access
+  assert tasks._raw_length("prefix_lm")(lengths) == 15  # pylint: disable=protected-access
+  assert tasks._raw_length("iid_noise")(lengths) == 42  # pylint: disable=protected-access

@@ -104,14 +104,20 @@ def _topic_task(name: str, source: seqio.DataSource, vocabulary, gpt_format: boo
 
 
 def _raw_length(objective: str):
-  """Raw tokens per example such that the objective's inputs (+ EOS) fit their length."""
+  """Raw tokens per example such that the objective's inputs and targets (+ EOS) both fit:
+  nothing is cut off silently by the converter's trimming."""
   def length_of(sequence_length):
     inputs, targets = sequence_length["inputs"], sequence_length["targets"]
     if objective == "span_corruption":
-      return denoising.random_spans_helper(inputs)[0]
-    if objective == "prefix_lm":  # split at random: both halves must fit
-      return min(inputs, targets) - 1
-    return inputs - 1  # iid_noise (sentinels only shorten), deshuffle
+      raw, needed = denoising.random_spans_helper(inputs)
+      if targets < needed:
+        raise UserError(f"span corruption of {inputs} input tokens writes {needed} target "
+                        f"tokens; set the targets length (feature_lengths.targets_length) to "
+                        f">= {needed}, not {targets}")
+      return raw
+    if objective == "iid_noise":  # targets ≈ 0.28·L (noise + a sentinel per run): keep margin
+      return min(inputs - 1, int((targets - 1) / 0.35))
+    return min(inputs, targets) - 1  # prefix_lm (either half may be long), deshuffle
   return length_of
 
 

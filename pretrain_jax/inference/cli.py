@@ -32,6 +32,9 @@ def generate(model_dir, prompts, prompt_file, max_new_tokens, temperature, top_k
     raise UserError(f"--beam_size={beam_size} --temperature={temperature}: beam search is "
                     "deterministic; use beam_size >= 1 and temperature 0 with it")
   model, vocabulary, step = loading.load(model_dir)
+  if hasattr(model.cfg, "architecture") and not model.cfg.is_encoder_decoder:
+    raise UserError(f"generate: T5Config.architecture={model.cfg.architecture!r} has no "
+                    "incremental decoding; use an encoder-decoder row or a GPT decoder")
   if getattr(model.cfg, "is_encoder_decoder", False):
     from pretrain_jax.models import t5  # pylint: disable=import-outside-toplevel
     inputs = [list(vocabulary.encode(p)) + [vocabulary.eos_id] for p in prompts]
@@ -59,6 +62,9 @@ def icl(model_dir, task, split, shots, mode, template, separator, max_input_word
   if not task:
     raise UserError("icl needs --task NAME (a text-to-text task, e.g. bbc_topic)")
   model, vocabulary, step = loading.load(model_dir)
+  if not hasattr(model, "init_cache"):
+    raise UserError("icl needs a decoder-only language model (a GPT config); "
+                    f"{type(model).__name__} reads inputs and targets separately")
   result = in_context.evaluate(
       model, vocabulary, task, shots=shots, split=split, mode=mode, num_examples=num, seed=seed,
       template=in_context.Template(template, separator, max_input_words or None),

@@ -65,7 +65,8 @@ def task_examples(task: str, split: str) -> list[tuple[str, str]]:
   if not {"inputs", "targets"} <= set(provider.output_features):
     raise UserError(f"task {task!r} has features {sorted(provider.output_features)}; in-context "
                     "learning needs a text-to-text task (inputs and targets)")
-  ds = provider.get_dataset(None, split=split, shuffle=False)
+  # Lengths only bound the (unused) tokenized features; the texts are read before tokenizing.
+  ds = provider.get_dataset({"inputs": 2048, "targets": 2048}, split=split, shuffle=False)
   examples = []
   for ex in ds.as_numpy_iterator():
     if "inputs_pretokenized" not in ex or "targets_pretokenized" not in ex:
@@ -113,6 +114,8 @@ def evaluate(model, vocabulary, task: str, *, shots: int = 4, split: str = "vali
     raise UserError(f"mode={mode!r}; valid: 'classify', 'generate'")
   if shots < 0:
     raise UserError(f"shots={shots}; it must be >= 0")
+  if num_examples is not None and num_examples < 1:
+    raise UserError(f"num_examples={num_examples}; it must be >= 1 (or all)")
   pool = task_examples(task, shots_split)
   queries = task_examples(task, split)[:num_examples]
   labels = sorted({t for _, t in pool})
@@ -134,7 +137,8 @@ def evaluate(model, vocabulary, task: str, *, shots: int = 4, split: str = "vali
                       f"context {max_context}; lower Template.max_input_words")
     prompts.append(prompt)
     spaces.append(space)
-    content_free.append(template.prompt(chosen, "N/A")[0])
+    if calibrate:
+      content_free.append(template.prompt(chosen, "N/A")[0])
   gold = [t for _, t in queries]
   if mode == "classify":
     scores = _label_scores(model, vocabulary, prompts, spaces, labels)

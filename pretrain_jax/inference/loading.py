@@ -22,19 +22,19 @@ def load(model_dir: str):
                     "holds the config.gin its training run wrote")
   model_dir = os.path.abspath(model_dir) if "://" not in model_dir else model_dir
   setup = trainer.Setup(factory, loss_fn=None, num_steps=1, seed=config.bound("train.seed", 0))
-  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), read_only=True)
   try:
     step = ckpt.latest_step()
     if step is None:
       raise UserError(f"no checkpoint in {model_dir}/checkpoints: train first")
+    abstract = setup.abstract_with_shardings().params
     with setup.context():
-      restored, missing = ckpt.restore_params(setup.abstract_with_shardings().params)
+      restored, missing = ckpt.restore_params(abstract)
   finally:
     ckpt.close()
   if missing:
     raise UserError(f"the checkpoint in {model_dir} lacks {len(missing)} of this model's "
                     f"parameters (first: {missing[0]}); the gin config does not match it")
-  abstract = setup.abstract_with_shardings().params
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   params = treedef.unflatten([restored["params/" + checkpoints.path_str(p)] for p, _ in leaves])
   return nnx.merge(setup.graphdef, params), task_vocabulary(), step

@@ -277,8 +277,11 @@ class T5(nnx.Module):
 
   # Incremental decoding (encoder-decoders) ---------------------------------------------------
 
-  def init_cache(self, encoder_tokens_BS, slots: int) -> T5Cache:
+  def start_decoding(self, encoder_tokens_BS, slots: int) -> T5Cache:
     """Runs the encoder once and projects its output into every decoder layer's keys/values."""
+    if not self.cfg.is_encoder_decoder:
+      raise UserError(f"incremental decoding is built for encoder-decoders; architecture "
+                      f"{self.cfg.architecture!r} is scored, not decoded")
     context_BSD = self.encode(encoder_tokens_BS)
     batch = encoder_tokens_BS.shape[0]
     shape = (batch, slots, self.cfg.num_heads, self.cfg.d_kv)
@@ -324,7 +327,7 @@ class T5Decoding(nnx.Module):
 
   def init_cache(self, batch: int, slots: int) -> T5Cache:
     del batch
-    return self.model.init_cache(self.encoder_tokens[...], slots)
+    return self.model.start_decoding(self.encoder_tokens[...], slots)
 
   def decode(self, tokens_BL, positions_BL, valid_BL, cache, last_only: bool = False):
     return self.model.decode(tokens_BL, positions_BL, valid_BL, cache, last_only)

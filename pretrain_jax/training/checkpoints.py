@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -27,13 +29,18 @@ def path_str(path) -> str:
 class Checkpointer:
   """Saves asynchronously when asked, keeps the last `keep`, restores the latest."""
 
-  def __init__(self, directory: str, keep: int = 3):
+  def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
+    """`read_only`: a run we only read from (init_from, eval, generate) must exist and is
+    never created or modified."""
     self.directory = directory
+    if read_only and "://" not in directory and not os.path.isdir(directory):
+      raise UserError(f"{directory}: no such directory (expected a training run's checkpoints)")
     self.manager = ocp.CheckpointManager(
         directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                             read_only=read_only, create=not read_only))
 
   def save(self, step: int, state, data_position: dict) -> bool:
     return self.manager.save(step, force=True, args=ocp.args.Composite(

@@ -181,7 +181,8 @@ def _check_vocabulary(task: str, setup: Setup) -> None:
 
 
 def _initialise_from(setup: Setup, state: TrainState, init_from: str) -> TrainState:
-  source = checkpoints.Checkpointer(os.path.join(_absolute(init_from), "checkpoints"))
+  source = checkpoints.Checkpointer(os.path.join(_absolute(init_from), "checkpoints"),
+                                    read_only=True)
   try:
     restored, new = source.restore_params(setup.abstract_with_shardings().params)
   finally:
@@ -344,7 +345,7 @@ def evaluate_checkpoint(model_dir: str, split: str = "validation") -> dict:
   stage_list = _stages(q("sequence_length"), q("num_steps"), q("stages"))
   setup = Setup(q("model"), q("loss_fn"), sum(n for n, _ in stage_list),
                 seed=q("seed", 0))
-  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), read_only=True)
   restored = ckpt.restore(setup.abstract_with_shardings())
   ckpt.close()
   if restored is None:
