@@ -15,15 +15,28 @@ def padding_mask(valid_BL: jax.Array) -> jax.Array:
   return valid_BL[:, None, None, :]
 
 
-def causal_mask(segment_ids_BL: jax.Array) -> jax.Array:
-  """[B, 1, L, L]: query i sees key j ≤ i of its own document (segment 0 is padding).
-
-  Packed rows hold several documents; none of them may attend across its boundary.
-  """
-  length = segment_ids_BL.shape[1]
-  causal_LL = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+def segment_mask(segment_ids_BL: jax.Array, causal: bool) -> jax.Array:
+  """[B, 1, L, L]: query i sees key j of its own document (segment 0 is padding), and with
+  `causal` only j ≤ i. Packed rows hold several documents; none attends across a boundary."""
   same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-  return (causal_LL & same_BLL & (segment_ids_BL != 0)[:, None, :])[:, None]
+  mask_BLL = same_BLL & (segment_ids_BL != 0)[:, None, :]
+  if causal:
+    length = segment_ids_BL.shape[1]
+    mask_BLL &= jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+  return mask_BLL[:, None]
+
+
+def causal_mask(segment_ids_BL: jax.Array) -> jax.Array:
+  return segment_mask(segment_ids_BL, causal=True)
+
+
+def cache_mask(valid_BS: jax.Array, index: jax.Array, valid_BL: jax.Array):
+  """Writes this call's L tokens at slots index … index + L − 1 of a cache's validity, and
+  returns ([B, 1, L, S] mask: query slot index + i sees every valid slot ≤ it, new validity)."""
+  valid_BS = jax.lax.dynamic_update_slice(valid_BS, valid_BL, (0, index))
+  query_slot_L = index + jnp.arange(valid_BL.shape[1])
+  causal_LS = jnp.arange(valid_BS.shape[1])[None, :] <= query_slot_L[:, None]
+  return (causal_LS[None] & valid_BS[:, None, :])[:, None], valid_BS
 
 
 class MultiHeadAttention(nnx.Module):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pretrain_jax.errors import UserError
-from pretrain_jax.layers.attention import MultiHeadAttention, causal_mask
+from pretrain_jax.layers.attention import MultiHeadAttention, cache_mask, causal_mask
 from pretrain_jax.layers.linear import Dense, Embed, LayerNorm, RMSNorm
 from pretrain_jax.layers.mlp import GatedMlp, Mlp
 from pretrain_jax.training.partitioning import constrain
@@ -201,16 +201,11 @@ class Gpt(nnx.Module):
 
     Query slot index + i sees every valid slot ≤ index + i. Returns (logits [B, L, V], cache).
     """
-    length = tokens_BL.shape[1]
-    slots = cache.valid_BS.shape[1]
-    valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, valid_BL, (0, cache.index))
-    query_slot_L = cache.index + jnp.arange(length)
-    causal_LS = jnp.arange(slots)[None, :] <= query_slot_L[:, None]
-    mask_B1LS = (causal_LS[None] & valid_BS[:, None, :])[:, None]
+    mask_B1LS, valid_BS = cache_mask(cache.valid_BS, cache.index, valid_BL)
     caches = [(k, v, cache.index) for k, v in zip(cache.keys, cache.values)]
     h_BLD, kvs = self.hidden_states(tokens_BL, positions_BL, mask_B1LS, caches)
     new_cache = KVCache([k for k, _ in kvs], [v for _, v in kvs], valid_BS,
-                        cache.index + length)
+                        cache.index + tokens_BL.shape[1])
     return self.logits(h_BLD[:, -1:] if last_only else h_BLD), new_cache
 
   # Accounting ------------------------------------------------------------------------------------

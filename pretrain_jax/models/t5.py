@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pretrain_jax.errors import UserError
-from pretrain_jax.layers.attention import MultiHeadAttention, causal_mask
+from pretrain_jax.layers.attention import (MultiHeadAttention, cache_mask, causal_mask,
+                                           segment_mask)
 from pretrain_jax.layers.linear import Dense, Embed, RMSNorm
 from pretrain_jax.layers.mlp import GatedMlp, Mlp
 from pretrain_jax.training.partitioning import constrain
@@ -239,9 +240,8 @@ class T5(nnx.Module):
   def encode(self, tokens_BS, segment_ids_BS=None, positions_BS=None, rngs=None):
     segment_ids_BS = (tokens_BS > 0).astype(jnp.int32) if segment_ids_BS is None else segment_ids_BS
     positions_BS = _positions(tokens_BS) if positions_BS is None else positions_BS
-    same_BSS = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
-    mask_B1SS = (same_BSS & (segment_ids_BS != 0)[:, None, :])[:, None]
-    h_BSD, _, _ = self.encoder(self.token_embed(tokens_BS), mask_B1SS, positions_BS, rngs=rngs)
+    h_BSD, _, _ = self.encoder(self.token_embed(tokens_BS), segment_mask(segment_ids_BS, False),
+                               positions_BS, rngs=rngs)
     return h_BSD
 
   def __call__(self, batch: dict, rngs=None):
@@ -296,10 +296,7 @@ class T5(nnx.Module):
   def decode(self, tokens_BL, positions_BL, valid_BL, cache: T5Cache, last_only: bool = False):
     """Decoder steps over the cache: (logits [B, L, V], cache)."""
     length, slots = tokens_BL.shape[1], cache.valid_BS.shape[1]
-    valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, valid_BL, (0, cache.index))
-    query_slot_L = cache.index + jnp.arange(length)
-    causal_LS = jnp.arange(slots)[None, :] <= query_slot_L[:, None]
-    mask_B1LS = (causal_LS[None] & valid_BS[:, None, :])[:, None]
+    mask_B1LS, valid_BS = cache_mask(cache.valid_BS, cache.index, valid_BL)
     key_positions_BS = jnp.broadcast_to(jnp.arange(slots), valid_BS.shape)
     caches = [(k, v, cache.index) for k, v in zip(cache.keys, cache.values)]
     context_mask_B1LS = jnp.broadcast_to(cache.context_valid_BS[:, None, None, :],

@@ -20,7 +20,6 @@ from __future__ import annotations
 import gin
 import jax
 import jax.numpy as jnp
-import optax
 import seqio
 import tensorflow as tf
 
@@ -84,7 +83,8 @@ def token_cross_entropy(logits_BLV, batch, z_loss: float = 0.0):
   logits_BLV = logits_BLV.astype(jnp.float32)
   targets_BL = batch["decoder_target_tokens"]
   weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
-  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)  # once, for the CE and the z-loss
+  ce_BL = log_z_BL - jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
   count = weights_BL.sum()
   ce_sum = (ce_BL * weights_BL).sum()
   loss = ce_sum / jnp.maximum(count, 1.0)
@@ -92,7 +92,6 @@ def token_cross_entropy(logits_BLV, batch, z_loss: float = 0.0):
   metrics = {"loss": (ce_sum, count), "log_perplexity": (ce_sum, count),
              "accuracy": (correct, count)}
   if z_loss:
-    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
     z_sum = (jnp.square(log_z_BL) * weights_BL).sum()
     loss = loss + z_loss * z_sum / jnp.maximum(count, 1.0)
     metrics["z_loss"] = (z_sum, count)
