@@ -14,6 +14,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
+import helpers
 from pretrain_jax.config import bound, configure
 from pretrain_jax.data import corpora, pipeline, tasks, vocabularies  # tasks: registers them
 from pretrain_jax.errors import UserError
@@ -31,15 +32,11 @@ TINY = ["GptConfig.num_layers = 2", "GptConfig.hidden = 64", "GptConfig.num_head
 
 def _train(model_dir, steps, *bindings, include=()):
   """Trains the tiny GPT (`include`: gin files layered over it before the tiny bindings)."""
-  gin.clear_config()
-  configure(["experiments/gpt_tiny_cpu.gin", *include],
-            TINY + [f"train.num_steps = {steps}", *bindings])
-  trainer.train(str(model_dir), progress=False)
-  return metrics_lib.read(str(model_dir))
+  return helpers.train(model_dir, ["experiments/gpt_tiny_cpu.gin", *include],
+                       TINY + [f"train.num_steps = {steps}", *bindings])
 
 
-def _losses(records, split="train"):
-  return [r["loss"] for r in records if r["split"] == split]
+_losses = helpers.losses
 
 
 # Data ---------------------------------------------------------------------------------------

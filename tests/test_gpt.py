@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import param_count, perturbed
 from pretrain_jax.config import bound, configure
 from pretrain_jax.inference import decoding
 from pretrain_jax.inference.sampling import Sampling
@@ -30,13 +31,7 @@ def _config(variant, **overrides):
 
 def _model(variant, seed=0, **overrides):
   """A model whose every parameter (biases and norm scales included) is non-trivial."""
-  model = gpt.Gpt(_config(variant, **overrides), rngs=nnx.Rngs(seed))
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-  leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-  nnx.update(model, jax.tree.unflatten(treedef, leaves))
-  return model
+  return perturbed(gpt.Gpt(_config(variant, **overrides), rngs=nnx.Rngs(seed)), seed)
 
 
 @pytest.mark.parametrize("gin_file,expected", [
@@ -48,7 +43,7 @@ def test_published_parameter_counts(gin_file, expected):
   gin.clear_config()
   configure([gin_file], [])
   model = nnx.eval_shape(lambda: bound("train.model")(0))
-  counted = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  counted = param_count(model)
   assert counted == expected == gpt.param_count(model.cfg)
 
 
@@ -71,7 +66,7 @@ def test_modern_decoder_parameter_count_by_formula():
   cfg = model.cfg
   d, f, v, l, k = cfg.hidden, cfg.mlp_dim, cfg.vocab_size, cfg.num_layers, cfg.head_size
   by_hand = 2 * v * d + l * (d * k * (12 + 2 * 4) + 12 * k * d + 3 * d * f + 2 * d) + d
-  assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == by_hand
+  assert param_count(model) == by_hand
 
 
 # A NumPy reference written from the papers' equations -----------------------------------------

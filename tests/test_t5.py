@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import helpers
 from pretrain_jax.config import bound, configure
 from pretrain_jax.inference import beam_search, decoding
 from pretrain_jax.models import t5
@@ -22,7 +23,7 @@ def test_published_parameter_counts(name, expected):
   gin.clear_config()
   configure([f"models/{name}.gin"], [])
   model = nnx.eval_shape(lambda: bound("train.model")(0))
-  counted = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  counted = helpers.param_count(model)
   assert counted == expected == t5.param_count(model.cfg)
 
 
@@ -34,7 +35,7 @@ def test_architecture_table_parameter_budgets(architecture, ratio):
   gin.clear_config()
   configure(["models/t5_small.gin"], [f"T5Config.architecture = '{architecture}'"])
   model = nnx.eval_shape(lambda: bound("train.model")(0))
-  counted = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  counted = helpers.param_count(model)
   assert counted == t5.param_count(model.cfg)
   assert counted / 60_506_624 == pytest.approx(ratio, abs=1e-3)
 
@@ -118,15 +119,11 @@ TINY = ["T5Config.d_model = 64", "T5Config.d_ff = 96", "T5Config.num_heads = 2",
 
 
 def _train(model_dir, steps, *bindings):
-  gin.clear_config()
-  configure(["experiments/t5_tiny_span_corruption_cpu.gin"],
-            TINY + [f"train.num_steps = {steps}", *bindings])
-  trainer.train(str(model_dir), progress=False)
-  return metrics_lib.read(str(model_dir))
+  return helpers.train(model_dir, ["experiments/t5_tiny_span_corruption_cpu.gin"],
+                       TINY + [f"train.num_steps = {steps}", *bindings])
 
 
-def _losses(records, split="train"):
-  return [r["loss"] for r in records if r["split"] == split]
+_losses = helpers.losses
 
 
 def test_one_device_equals_eight_sharded_devices_and_loss_falls(tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import perturbed
 from pretrain_jax.models import t5
 
 VARIANTS = {
@@ -40,13 +41,7 @@ def _config(variant, architecture="encoder_decoder", **overrides):
 
 def _model(variant, architecture="encoder_decoder", seed=0, **overrides):
   """A model whose every parameter (norm scales and bias tables included) is non-trivial."""
-  model = t5.T5(_config(variant, architecture, **overrides), rngs=nnx.Rngs(seed))
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-  leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-  nnx.update(model, jax.tree.unflatten(treedef, leaves))
-  return model
+  return perturbed(t5.T5(_config(variant, architecture, **overrides), rngs=nnx.Rngs(seed)), seed)
 
 
 def _params(model):

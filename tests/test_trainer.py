@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
 from pretrain_jax.config import bound, configure
 from pretrain_jax.training import metrics as metrics_lib, partitioning, trainer
 
@@ -23,15 +24,11 @@ TINY = ["train.batch_size = 8", "train.sequence_length = 32", "train.log_every =
 
 
 def _train(model_dir, steps, *bindings):
-  gin.clear_config()
-  configure(["experiments/bert_tiny_cpu.gin"], TINY + [f"train.num_steps = {steps}",
-                                                        *bindings])
-  trainer.train(str(model_dir), progress=False)
-  return metrics_lib.read(str(model_dir))
+  return helpers.train(model_dir, ["experiments/bert_tiny_cpu.gin"],
+                       TINY + [f"train.num_steps = {steps}", *bindings])
 
 
-def _losses(records, split="train"):
-  return [r["loss"] for r in records if r["split"] == split]
+_losses = helpers.losses
 
 
 def test_one_device_equals_eight_sharded_devices(tmp_path):
