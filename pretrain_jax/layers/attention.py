@@ -7,7 +7,7 @@ from flax import nnx
 
 from pretrain_jax.layers.linear import Dense
 from pretrain_jax.layers.rope import apply_rope
-from pretrain_jax.training.partitioning import constrain
+from pretrain_jax.layers.sharding import constrain
 
 
 def padding_mask(valid_BL: jax.Array) -> jax.Array:

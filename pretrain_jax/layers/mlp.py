@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pretrain_jax.layers.linear import Dense
-from pretrain_jax.training.partitioning import constrain
+from pretrain_jax.layers.sharding import constrain
 
 
 class Mlp(nnx.Module):

@@ -22,7 +22,7 @@ from pretrain_jax.errors import UserError
 from pretrain_jax.layers.attention import MultiHeadAttention, padding_mask
 from pretrain_jax.layers.linear import Dense, Embed, LayerNorm
 from pretrain_jax.layers.mlp import Mlp
-from pretrain_jax.training.partitioning import constrain
+from pretrain_jax.layers.sharding import constrain
 
 gelu = functools.partial(jax.nn.gelu, approximate=False)  # BERT uses the exact erf GELU
 

@@ -25,7 +25,7 @@ from pretrain_jax.errors import UserError
 from pretrain_jax.layers.attention import MultiHeadAttention, cache_mask, causal_mask
 from pretrain_jax.layers.linear import Dense, Embed, LayerNorm, RMSNorm
 from pretrain_jax.layers.mlp import GatedMlp, Mlp
-from pretrain_jax.training.partitioning import constrain
+from pretrain_jax.layers.sharding import constrain
 
 NORMS = ("post_layernorm", "pre_layernorm", "pre_rmsnorm")
 POSITIONS = ("learned", "rope")

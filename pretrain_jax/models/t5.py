@@ -35,7 +35,7 @@ from pretrain_jax.layers.attention import (MultiHeadAttention, cache_mask, causa
                                            segment_mask)
 from pretrain_jax.layers.linear import Dense, Embed, RMSNorm
 from pretrain_jax.layers.mlp import GatedMlp, Mlp
-from pretrain_jax.training.partitioning import constrain
+from pretrain_jax.layers.sharding import constrain
 
 ARCHITECTURES = ("encoder_decoder", "encoder_decoder_shared", "encoder_decoder_half",
                  "decoder_only", "prefix_lm")

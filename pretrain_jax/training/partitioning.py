@@ -8,7 +8,6 @@ one model runs on one CPU, on 8 fake devices, or on a pod by changing only the r
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -19,15 +18,18 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from pretrain_jax.errors import UserError
+from pretrain_jax.layers.sharding import activation_rules, constrain, logical_to_spec  # pylint: disable=unused-import
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
-# Parameters: vocab, embed, mlp, heads, kv, position, token_type, expert.
+# Parameters: layers (the stacked axis of a scanned stack), vocab, embed, mlp, heads, kv,
+# position, token_type, expert.
 # Activations: batch, length, act_embed, act_mlp, act_heads, act_kv, act_vocab.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
+    ("layers", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -86,23 +88,6 @@ def logical_axis_rules(rules=DEFAULT_RULES, overrides=()) -> dict:
   return table
 
 
-def logical_to_spec(names: Sequence[str | None], rules: dict) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec; unknown names are an error, not replication."""
-  unknown = [n for n in names if n is not None and n not in rules]
-  if unknown:
-    raise UserError(f"logical axis {unknown[0]!r} has no rule in logical_axis_rules "
-                    f"(known: {sorted(rules)})")
-  spec, used = [], set()
-  for name in names:
-    axes = rules.get(name) if name is not None else None
-    # A mesh axis may shard only one dimension of an array: later uses are replicated.
-    axes_tuple = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ()))
-                       if a not in used)
-    used.update(axes_tuple)
-    spec.append(axes_tuple[0] if len(axes_tuple) == 1 else (axes_tuple or None))
-  return PartitionSpec(*spec)
-
-
 def tree_shardings(abstract_tree, mesh: Mesh, rules: dict):
   """NamedShardings for a tree of nnx Variables (params, optimizer moments, ...).
 
@@ -124,28 +109,6 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: dict):
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Batches are split over data x fsdp along their first dimension."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
-# Activation constraints ----------------------------------------------------------------------
-
-_ACTIVE_RULES: list[dict] = []
-
-
-@contextlib.contextmanager
-def activation_rules(rules: dict):
-  """Within this context (entered while tracing), `constrain` applies `rules`."""
-  _ACTIVE_RULES.append(rules)
-  try:
-    yield
-  finally:
-    _ACTIVE_RULES.pop()
-
-
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Annotates an activation with logical axes; a no-op outside `activation_rules`."""
-  if not _ACTIVE_RULES:
-    return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, _ACTIVE_RULES[-1]))
 
 
 def describe(tree) -> str:
