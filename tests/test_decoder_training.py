@@ -148,7 +148,8 @@ def test_classifier_finetuning_starts_from_the_pretrained_decoder(pretrained, tm
   gin.clear_config()
   configure([str(pretrained / "config.gin")], [])
   base, _, _ = loading.load(str(pretrained))
-  np.testing.assert_array_equal(tuned.layers[1].mlp.wo.kernel[...], base.layers[1].mlp.wo.kernel[...])
+  np.testing.assert_array_equal(tuned.layers.block.mlp.wo.kernel[1],
+                                base.layers.block.mlp.wo.kernel[1])
   np.testing.assert_array_equal(tuned.token_embed.embedding[...], base.token_embed.embedding[...])
 
 

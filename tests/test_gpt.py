@@ -130,7 +130,7 @@ def reference_logits(model, tokens):
   if cfg.positions == "learned":
     x = x + _np(p["position_embed"]["embedding"])[:len(tokens)]
   for i in range(cfg.num_layers):
-    lp = p["layers"][i]
+    lp = jax.tree.map(lambda a, i=i: a[i], p["layers"]["block"])  # layer i of the stack
     if cfg.norm == "post_layernorm":
       a = _norm(x + _attention(x, lp["attention"], cfg), lp["attention_norm"], cfg)
       x = _norm(a + _mlp(a, lp["mlp"], cfg), lp["mlp_norm"], cfg)

@@ -62,13 +62,13 @@ def _greedy_by_recomputation(model, encoder_row, steps):
 
 @pytest.mark.parametrize("mlp,tie", [("relu", True), ("gated-gelu", False)])
 def test_kv_cache_decoding_equals_recomputation(mlp, tie):
-  model = _model(seed=1, mlp=mlp, tie_embeddings=tie)
-  cached = decoding.generate(t5.T5Decoding(model, ENCODER), [[0]] * 3, 12)
+  model = helpers.perturbed(_model(seed=1, mlp=mlp, tie_embeddings=tie), 1)  # not degenerate
+  cached = decoding.generate(model.decoding(ENCODER), [[0]] * 3, 12)
   for row, tokens in zip(ENCODER, cached):
     assert tokens == _greedy_by_recomputation(model, row, 12)
   assert len(set(map(tuple, cached))) > 1, "the rows read different inputs"
   # beam search of width 1 is greedy; wider beams score at least as well here
-  assert beam_search.beam_search(t5.T5Decoding(model, ENCODER), [[0]] * 3, 12,
+  assert beam_search.beam_search(model.decoding(ENCODER), [[0]] * 3, 12,
                                  beam_size=1) == cached
 
 
@@ -105,9 +105,11 @@ def test_prefix_lm_sees_its_prefix_in_both_directions():
 
 def test_shared_encoder_decoder_uses_one_set_of_weights():
   model = _model(architecture="encoder_decoder_shared")
-  assert model.decoder.blocks[0].attention is model.encoder.blocks[0].attention
-  assert model.decoder.blocks[1].mlp is model.encoder.blocks[1].mlp
-  assert model.decoder.blocks[0].cross_attention is not None
+  assert model.decoder.layers.block.attention is model.encoder.layers.block.attention
+  assert model.decoder.layers.block.mlp is model.encoder.layers.block.mlp
+  assert model.decoder.layers.block.cross_attention is not None
+  assert not hasattr(t5.T5Block(model.cfg, True, rngs=nnx.Rngs(0), own_self_attention=False),
+                     "attention")
 
 
 # Training ---------------------------------------------------------------------------------------
@@ -146,8 +148,8 @@ def test_adafactor_state_is_factored_and_placed():
   state = setup.init_state()
   factored = state.opt_state[0]  # optax.adafactor: chain(scale_by_factored_rms, ...)
   leaves = jax.tree.leaves(factored)
-  kernel = state.params["decoder"]["blocks"][0]["mlp"]["wi_gate"]["kernel"][...]
-  assert kernel.shape == (128, 256)
+  kernel = state.params["decoder"]["layers"]["block"]["mlp"]["wi_gate"]["kernel"][...]
+  assert kernel.shape == (2, 128, 256)  # [layers, embed, mlp]
   shapes = {x.shape for x in leaves}
   assert (128,) in shapes and (256,) in shapes, "row and column statistics, not a full matrix"
   assert (128, 256) not in shapes

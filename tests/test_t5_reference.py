@@ -169,12 +169,17 @@ def _logits(y, p, cfg):
   return y @ p["lm_head"]["kernel"]
 
 
+def _unstack(block, n):
+  """A scanned stack's parameters ([layers, ...] arrays) as one dict per layer."""
+  return {i: jax.tree.map(lambda a, i=i: a[i], block) for i in range(n)}
+
+
 def _layers(p, cfg):
   """(encoder layers, decoder layers); in the shared variant the decoder's self-attention, FF
   and their norms are the encoder's, stored once (in whichever stack nnx lists first)."""
-  enc = p.get("encoder", {}).get("blocks", {})
-  dec = p["decoder"]["blocks"]
   n = cfg.num_layers
+  enc = _unstack(p.get("encoder", {}).get("layers", {}).get("block", {}), n)
+  dec = _unstack(p["decoder"]["layers"]["block"], n)
   if cfg.architecture != "encoder_decoder_shared":
     return [enc.get(i) for i in range(n)], [dec[i] for i in range(n)]
   encoder_layers, decoder_layers = [], []
@@ -226,8 +231,8 @@ def reference_decoder_only(model, tokens, prefix=None):
   bias = _position_bias(p["decoder"]["position_bias"]["embedding"]["embedding"], length,
                         bidirectional=cfg.architecture == "prefix_lm")
   y = p["token_embed"]["embedding"][tokens]
-  for i in range(cfg.num_layers):
-    y = _block(y, p["decoder"]["blocks"][i], cfg, allowed, bias)
+  for lp in _unstack(p["decoder"]["layers"]["block"], cfg.num_layers).values():
+    y = _block(y, lp, cfg, allowed, bias)
   return _logits(_rmsnorm(y, p["decoder"]["final_norm"], cfg.layer_norm_eps), p, cfg)
 
 
@@ -307,15 +312,13 @@ def test_decoder_only_and_prefix_lm_match_reference(variant, architecture):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_encoder_decoder_shared_matches_reference_and_shares_weights(variant):
   model = _model(variant, "encoder_decoder_shared", seed=2)
-  for enc, dec in zip(model.encoder.blocks, model.decoder.blocks):
-    for name in SHARED:
-      assert getattr(enc, name) is getattr(dec, name), name
+  for name in SHARED:  # the very same stacked modules, not copies
+    assert getattr(model.encoder.layers.block, name) is getattr(model.decoder.layers.block, name)
   _check_encoder_decoder(model)
 
   unshared = t5.T5(_config(variant), rngs=nnx.Rngs(0))
   p = nnx.to_pure_dict(nnx.state(unshared, nnx.Param))
-  decoder_own = sum(_count(p["decoder"]["blocks"][i][name])
-                    for i in range(unshared.cfg.num_layers) for name in SHARED)
+  decoder_own = sum(_count(p["decoder"]["layers"]["block"][name]) for name in SHARED)
   cfg = unshared.cfg
   per_layer = (4 * cfg.d_model * cfg.num_heads * cfg.d_kv
                + (3 if cfg.mlp == "gated-gelu" else 2) * cfg.d_model * cfg.d_ff + 2 * cfg.d_model)

@@ -54,13 +54,13 @@ def length_penalty(length, alpha):
 
 
 def _repeat_rows(cache, beam_size: int):
-  """Batch B -> B·K rows, beam k of row b at b·K + k; scalars (the write index) are shared."""
-  return jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0) if x.ndim else x, cache)
+  """Batch B -> B·K rows, beam k of row b at b·K + k; the write index is shared."""
+  return cache.map_rows(lambda x, axis: jnp.repeat(x, beam_size, axis=axis))
 
 
 def _take_rows(cache, rows_N):
-  """Row n of the result is row rows_N[n] of every leaf with a leading batch axis."""
-  return jax.tree.map(lambda x: jnp.take(x, rows_N, axis=0) if x.ndim else x, cache)
+  """Row n of the result is row rows_N[n] of every array with a batch axis."""
+  return cache.map_rows(lambda x, axis: jnp.take(x, rows_N, axis=axis))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "beam_size",

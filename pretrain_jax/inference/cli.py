@@ -8,6 +8,7 @@ import os
 from pretrain_jax.errors import UserError
 from pretrain_jax.inference import beam_search, decoding, in_context, loading
 from pretrain_jax.inference.sampling import Sampling
+from pretrain_jax.models import protocol
 
 
 def _prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -32,15 +33,14 @@ def generate(model_dir, prompts, prompt_file, max_new_tokens, temperature, top_k
     raise UserError(f"--beam_size={beam_size} --temperature={temperature}: beam search is "
                     "deterministic; use beam_size >= 1 and temperature 0 with it")
   model, vocabulary, step = loading.load(model_dir)
-  if hasattr(model.cfg, "architecture") and not model.cfg.is_encoder_decoder:
-    raise UserError(f"generate: T5Config.architecture={model.cfg.architecture!r} has no "
-                    "incremental decoding; use an encoder-decoder row or a GPT decoder")
-  if getattr(model.cfg, "is_encoder_decoder", False):
-    from pretrain_jax.models import t5  # pylint: disable=import-outside-toplevel
+  if isinstance(model, protocol.EncoderDecoder):  # refuses the table's decoder-only rows
     inputs = [list(vocabulary.encode(p)) + [vocabulary.eos_id] for p in prompts]
     width = max(len(i) for i in inputs)
-    model = t5.T5Decoding(model, [i + [0] * (width - len(i)) for i in inputs])
+    model = model.decoding([i + [0] * (width - len(i)) for i in inputs])
     ids = [[in_context.BOS_ID] for _ in prompts]
+  elif not isinstance(model, protocol.Decoder):
+    raise UserError(f"generate: {type(model).__name__} has no incremental decoding; use a "
+                    "GPT decoder or a T5 encoder-decoder")
   else:
     ids = [[in_context.BOS_ID] + list(vocabulary.encode(p)) for p in prompts]
   if beam_size > 1:
@@ -62,7 +62,7 @@ def icl(model_dir, task, split, shots, mode, template, separator, max_input_word
   if not task:
     raise UserError("icl needs --task NAME (a text-to-text task, e.g. bbc_topic)")
   model, vocabulary, step = loading.load(model_dir)
-  if not hasattr(model, "init_cache"):
+  if not isinstance(model, protocol.Decoder) or isinstance(model, protocol.EncoderDecoder):
     raise UserError("icl needs a decoder-only language model (a GPT config); "
                     f"{type(model).__name__} reads inputs and targets separately")
   result = in_context.evaluate(

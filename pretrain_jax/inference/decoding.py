@@ -3,8 +3,9 @@
 Shared by every family. A model decodes if it has
     init_cache(batch, slots) -> cache
     decode(tokens_BL, positions_BL, valid_BL, cache, last_only=False) -> (logits_BLV, cache)
-(`last_only`: logits of the last position only, [B, 1, V] — all a prefill needs), and every
-array of its cache has the batch as its leading axis (beam search reorders rows).
+(`last_only`: logits of the last position only, [B, 1, V] — all a prefill needs; the protocol
+is `models.protocol.Decoder`), its cache a `layers.kv_cache.KVCache` (beam search reorders its
+rows).
 Prompts of different lengths are left-padded so that all rows write the same cache slot at
 each step; padded slots are marked invalid and never attended to, and positions count only
 real tokens, so a padded row decodes exactly as it would alone.

@@ -1,33 +1,62 @@
-"""Multi-head dot-product attention: heads as a logical axis, grouped-query keys and values,
-optional rotary positions, and a key/value cache for incremental decoding."""
+"""Attention in three parts: the masks every family builds, the dot-product kernel as a free
+function, and the multi-head module that owns the projections.
 
+Shape letters (the full legend is in docs/design.md): B batch, L query length, S key length,
+D model width, H query heads, G key/value heads (grouped-query attention: each serves
+R = H / G query heads), K query/key head size, V value head size (MLA: K ≠ V).
+Masks are boolean, True where a query may read a key, and broadcast over heads: [B, 1, L, S].
+"""
+
+from __future__ import annotations
+
+import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pretrain_jax.errors import UserError
 from pretrain_jax.layers.linear import Dense
 from pretrain_jax.layers.rope import apply_rope
 from pretrain_jax.layers.sharding import constrain
 
+IMPLEMENTATIONS = (None, "xla", "cudnn")
 
-def padding_mask(valid_BL: jax.Array) -> jax.Array:
-  """[B, 1, 1, L] mask: every query attends to the real keys (padded queries are never read)."""
-  return valid_BL[:, None, None, :]
+# Masks -----------------------------------------------------------------------------------------
+
+
+def padding_mask(valid_BS: jax.Array) -> jax.Array:
+  """[B, 1, 1, S]: every query reads the real keys (padded queries are never read)."""
+  return valid_BS[:, None, None, :]
 
 
 def segment_mask(segment_ids_BL: jax.Array, causal: bool) -> jax.Array:
   """[B, 1, L, L]: query i sees key j of its own document (segment 0 is padding), and with
   `causal` only j ≤ i. Packed rows hold several documents; none attends across a boundary."""
-  same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-  mask_BLL = same_BLL & (segment_ids_BL != 0)[:, None, :]
-  if causal:
-    length = segment_ids_BL.shape[1]
-    mask_BLL &= jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
-  return mask_BLL[:, None]
+  return cross_mask(segment_ids_BL, segment_ids_BL, causal=causal)
 
 
 def causal_mask(segment_ids_BL: jax.Array) -> jax.Array:
   return segment_mask(segment_ids_BL, causal=True)
+
+
+def cross_mask(query_segments_BL: jax.Array, key_segments_BS: jax.Array,
+               causal: bool = False) -> jax.Array:
+  """[B, 1, L, S]: a query reads the real keys of its own segment (encoder-decoder packing:
+  a decoder row's document reads only its own inputs)."""
+  mask_BLS = ((query_segments_BL[:, :, None] == key_segments_BS[:, None, :])
+              & (key_segments_BS != 0)[:, None, :])
+  if causal:
+    mask_BLS &= (jnp.arange(query_segments_BL.shape[1])[:, None]
+                 >= jnp.arange(key_segments_BS.shape[1])[None, :])
+  return mask_BLS[:, None]
+
+
+def prefix_mask(segment_ids_BL: jax.Array, prefix_BL: jax.Array) -> jax.Array:
+  """[B, 1, L, L]: causal, except that the prefix (a prefix LM's inputs) sees itself in both
+  directions (Raffel et al. 2020, Fig. 3)."""
+  both_in_prefix_BLL = prefix_BL[:, :, None] & prefix_BL[:, None, :]
+  return causal_mask(segment_ids_BL) | (segment_mask(segment_ids_BL, causal=False)
+                                        & both_in_prefix_BLL[:, None])
 
 
 def cache_mask(valid_BS: jax.Array, index: jax.Array, valid_BL: jax.Array):
@@ -39,35 +68,83 @@ def cache_mask(valid_BS: jax.Array, index: jax.Array, valid_BL: jax.Array):
   return (causal_LS[None] & valid_BS[:, None, :])[:, None], valid_BS
 
 
-class MultiHeadAttention(nnx.Module):
-  """softmax(Q Kᵀ / √d_k) V over H heads (Vaswani et al. 2017).
+# The kernel ------------------------------------------------------------------------------------
 
-  `num_kv_heads` < `num_heads` is grouped-query attention (Ainslie et al. 2023): each key/value
-  head serves num_heads / num_kv_heads query heads. With `rope_theta`, queries and keys are
-  rotated by their positions. Without attention dropout it calls `jax.nn.dot_product_attention`
-  (fused kernels on GPU); with dropout it spells the softmax out, since the fused call cannot
-  drop probabilities.
+
+@gin.configurable(allowlist=["implementation"])
+def dot_product_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGV: jax.Array,
+                          mask_B1LS: jax.Array | None = None, bias_BHLS: jax.Array | None = None,
+                          *, scale: float | None = None, dropout_rate: float = 0.0,
+                          dropout_key: jax.Array | None = None,
+                          implementation: str | None = None) -> jax.Array:
+  """softmax(scale · Q Kᵀ + bias, masked) V, dropout on the probabilities: [B, L, H, V].
+
+  `implementation` None spells the kernel out (any head sizes, dropout); 'xla' or 'cudnn'
+  pass through to `jax.nn.dot_product_attention` (cuDNN's fused flash attention on GPU),
+  which takes neither dropout nor K ≠ V.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise UserError(f"dot_product_attention.implementation={implementation!r}; valid: "
+                    f"{IMPLEMENTATIONS}")
+  scale = q_BLHK.shape[-1] ** -0.5 if scale is None else scale
+  dropout = dropout_rate > 0.0 and dropout_key is not None
+  if implementation is not None:
+    if dropout or k_BSGK.shape[-1] != v_BSGV.shape[-1]:
+      raise UserError(f"dot_product_attention.implementation={implementation!r} has no "
+                      "attention dropout and needs equal q·k and v head sizes: set the "
+                      "attention dropout rate to 0 or use implementation=None")
+    return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGV, bias=bias_BHLS, mask=mask_B1LS,
+                                        scale=scale, implementation=implementation)
+  batch, length, heads, _ = q_BLHK.shape
+  groups = k_BSGK.shape[2]
+  q_BLGRK = (q_BLHK * jnp.asarray(scale, q_BLHK.dtype)).reshape(
+      batch, length, groups, heads // groups, -1)
+  logits_BGRLS = jnp.einsum("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK)
+  if bias_BHLS is not None:
+    logits_BGRLS += bias_BHLS.astype(logits_BGRLS.dtype).reshape(
+        bias_BHLS.shape[0], groups, heads // groups, *bias_BHLS.shape[2:])
+  if mask_B1LS is not None:
+    logits_BGRLS = jnp.where(mask_B1LS[:, :, None], logits_BGRLS,
+                             jnp.finfo(logits_BGRLS.dtype).min)
+  probs_BGRLS = jax.nn.softmax(logits_BGRLS.astype(jnp.float32), axis=-1)
+  if dropout:
+    keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, probs_BGRLS.shape)
+    probs_BGRLS = jnp.where(keep, probs_BGRLS / (1.0 - dropout_rate), 0.0)
+  out_BLGRV = jnp.einsum("bgrls,bsgv->blgrv", probs_BGRLS.astype(v_BSGV.dtype), v_BSGV)
+  return out_BLGRV.reshape(batch, length, heads, -1)
+
+
+# The module ------------------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head attention (Vaswani et al. 2017) around `dot_product_attention`.
+
+  `num_kv_heads` < `num_heads` is grouped-query attention (Ainslie et al. 2023). With
+  `rope_theta`, queries and keys are rotated by their positions. `v_head_dim` may differ from
+  the q·k `head_dim`.
   """
 
   def __init__(self, features: int, num_heads: int, *, num_kv_heads: int | None = None,
-               head_dim: int | None = None, rope_theta: float | None = None,
-               dropout_rate: float = 0.0, use_bias: bool = True, init_std: float = 0.02,
+               head_dim: int | None = None, v_head_dim: int | None = None,
+               rope_theta: float | None = None, dropout_rate: float = 0.0,
+               use_bias: bool = True, init_std: float = 0.02,
                query_init_std: float | None = None, out_init_std: float | None = None,
                logit_scale: float | None = None, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     head_dim = head_dim or features // num_heads
+    v_head_dim = v_head_dim or head_dim
     num_kv_heads = num_kv_heads or num_heads
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    dense = dict(use_bias=use_bias, init_std=init_std, dtype=dtype, param_dtype=param_dtype,
-                 rngs=rngs)
+    dense = dict(role="attention", use_bias=use_bias, init_std=init_std, dtype=dtype,
+                 param_dtype=param_dtype, rngs=rngs)
     self.query = Dense(features, (num_heads, head_dim), ("embed", "heads", "kv"),
                        **{**dense, "init_std": query_init_std or init_std})
     self.key = Dense(features, (num_kv_heads, head_dim), ("embed", "heads", "kv"), **dense)
-    self.value = Dense(features, (num_kv_heads, head_dim), ("embed", "heads", "kv"), **dense)
-    self.out = Dense((num_heads, head_dim), features, ("heads", "kv", "embed"),
+    self.value = Dense(features, (num_kv_heads, v_head_dim), ("embed", "heads", "kv"), **dense)
+    self.out = Dense((num_heads, v_head_dim), features, ("heads", "kv", "embed"),
                      **{**dense, "init_std": out_init_std or init_std})
-    self.dropout = nnx.Dropout(dropout_rate)
     self.dropout_rate, self.rope_theta = dropout_rate, rope_theta
     self.logit_scale = logit_scale  # None: 1/√head_dim; T5 folds it into the query init (1.0)
 
@@ -77,9 +154,9 @@ class MultiHeadAttention(nnx.Module):
                context_BSD: jax.Array | None = None,
                context_kv: tuple[jax.Array, jax.Array] | None = None,
                bias_BHLS: jax.Array | None = None, rngs: nnx.Rngs | None = None):
-    """Returns (output, (keys, values)).
+    """Returns (output [B, L, D], (keys, values)).
 
-    `cache` = (keys_BSHK, values_BSHK, index): this call's keys and values are written at
+    `cache` = (keys_BSGK, values_BSGV, index): this call's keys and values are written at
     slots index … index + L − 1 and the queries attend over all S slots (as `mask_B1LS`
     allows); the updated arrays are returned. Without a cache, S = L.
     Cross-attention reads keys and values from `context_BSD` (or, when decoding, from their
@@ -89,38 +166,25 @@ class MultiHeadAttention(nnx.Module):
     names = ("batch", "length", "act_heads", "act_kv")
     q_BLHK = constrain(self.query(x_BLD), names)
     if context_kv is not None:
-      k_BLGK, v_BLGK = context_kv
+      k_BSGK, v_BSGV = context_kv
     else:
       source_BSD = x_BLD if context_BSD is None else context_BSD
-      k_BLGK = constrain(self.key(source_BSD), names)
-      v_BLGK = constrain(self.value(source_BSD), names)
+      k_BSGK = constrain(self.key(source_BSD), names)
+      v_BSGV = constrain(self.value(source_BSD), names)
     if self.rope_theta is not None:
       if positions_BL is None:
         positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
       q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
-      k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
-    if cache is not None:
-      keys_BSGK, values_BSGK, index = cache
-      k_BLGK = jax.lax.dynamic_update_slice(keys_BSGK, k_BLGK.astype(keys_BSGK.dtype),
+      k_BSGK = apply_rope(k_BSGK, positions_BL, self.rope_theta)
+    if cache is not None:  # this call's L keys go into the S slots
+      keys_BSGK, values_BSGV, index = cache
+      k_BSGK = jax.lax.dynamic_update_slice(keys_BSGK, k_BSGK.astype(keys_BSGK.dtype),
                                             (0, index, 0, 0))
-      v_BLGK = jax.lax.dynamic_update_slice(values_BSGK, v_BLGK.astype(values_BSGK.dtype),
+      v_BSGV = jax.lax.dynamic_update_slice(values_BSGV, v_BSGV.astype(values_BSGV.dtype),
                                             (0, index, 0, 0))
-    k_BSGK, v_BSGK = k_BLGK.astype(q_BLHK.dtype), v_BLGK.astype(q_BLHK.dtype)
-    scale = self.logit_scale if self.logit_scale is not None else q_BLHK.shape[-1] ** -0.5
-    if bias_BHLS is not None:
-      bias_BHLS = bias_BHLS.astype(q_BLHK.dtype)
-    if rngs is None or self.dropout_rate == 0.0:
-      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS,
-                                              mask=mask_B1LS, scale=scale)
-    else:
-      groups = q_BLHK.shape[2] // k_BSGK.shape[2]
-      k_BSHK, v_BSHK = (jnp.repeat(t, groups, axis=2) for t in (k_BSGK, v_BSGK))
-      logits_BHLS = jnp.einsum("bqhk,bthk->bhqt", q_BLHK * scale, k_BSHK)
-      if bias_BHLS is not None:
-        logits_BHLS = logits_BHLS + bias_BHLS
-      logits_BHLS = jnp.where(mask_B1LS, logits_BHLS, jnp.finfo(logits_BHLS.dtype).min)
-      probs_BHLS = jax.nn.softmax(logits_BHLS.astype(jnp.float32)).astype(v_BSHK.dtype)
-      probs_BHLS = self.dropout(probs_BHLS, rngs=rngs)
-      out_BLHK = jnp.einsum("bhqt,bthk->bqhk", probs_BHLS, v_BSHK)
-    out_BLD = constrain(self.out(out_BLHK), ("batch", "length", "act_embed"))
-    return out_BLD, (k_BLGK, v_BLGK)
+    dropout_key = rngs.dropout() if rngs is not None and self.dropout_rate else None
+    out_BLHV = dot_product_attention(
+        q_BLHK, k_BSGK.astype(q_BLHK.dtype), v_BSGV.astype(q_BLHK.dtype), mask_B1LS, bias_BHLS,
+        scale=self.logit_scale, dropout_rate=self.dropout_rate, dropout_key=dropout_key)
+    out_BLD = constrain(self.out(out_BLHV), ("batch", "length", "act_embed"))
+    return out_BLD, (k_BSGK, v_BSGV)

@@ -1,10 +1,13 @@
-"""Dense projections and embeddings whose parameters carry logical axis names."""
+"""Dense projections, embeddings and norms whose parameters carry logical axis names; every
+matmul takes its `dot_general` from the precision policy (layers/precision.py)."""
 
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from pretrain_jax.layers.precision import dot_general_for
 
 
 def normal(stddev: float):
@@ -15,12 +18,13 @@ class Dense(nnx.LinearGeneral):
   """`nnx.LinearGeneral` with logical axes: `axes` names the kernel's (in..., out...) dims.
 
   Multi-dimensional in/out features keep heads as their own axis (`embed -> heads x kv`), so
-  the tensor-parallel rule can split heads without reshapes.
+  the tensor-parallel rule can split heads without reshapes. `role` picks the matmul from the
+  precision policy.
   """
 
   def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int],
-               axes: Sequence[str | None], *, use_bias: bool = True, init_std: float = 0.02,
-               dtype=None, param_dtype=jnp.float32, dot_general=jax.lax.dot_general,
+               axes: Sequence[str | None], *, role: str, use_bias: bool = True,
+               init_std: float = 0.02, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
     out_features = (out_features,) if isinstance(out_features, int) else tuple(out_features)
@@ -31,7 +35,7 @@ class Dense(nnx.LinearGeneral):
         use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nnx.with_partitioning(normal(init_std), axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[len(in_features):]),
-        dot_general=dot_general, rngs=rngs)
+        dot_general=dot_general_for(role), rngs=rngs)
 
 
 class Embed(nnx.Embed):
@@ -41,6 +45,13 @@ class Embed(nnx.Embed):
                init_std: float = 0.02, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     super().__init__(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
                      embedding_init=nnx.with_partitioning(normal(init_std), axes), rngs=rngs)
+    self.head_dot_general = dot_general_for("head")
+
+  def attend(self, query_BLD: jax.Array) -> jax.Array:
+    """Logits against every row (a tied output head): query · Eᵀ through the head's matmul."""
+    query_BLD, table_VD = self.promote_dtype((query_BLD, self.embedding[...]),
+                                              dtype=self.dtype)
+    return self.head_dot_general(query_BLD, table_VD, (((query_BLD.ndim - 1,), (1,)), ((), ())))
 
 
 class LayerNorm(nnx.LayerNorm):

@@ -16,7 +16,7 @@ class Mlp(nnx.Module):
   def __init__(self, features: int, hidden: int, activation: Callable = jax.nn.gelu, *,
                use_bias: bool = True, init_std: float = 0.02, out_init_std: float | None = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    dense = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    dense = dict(role="mlp", use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.wi = Dense(features, hidden, ("embed", "mlp"), init_std=init_std, **dense)
     self.wo = Dense(hidden, features, ("mlp", "embed"), init_std=out_init_std or init_std,
                     **dense)
@@ -34,7 +34,7 @@ class GatedMlp(nnx.Module):
                use_bias: bool = False, init_std: float = 0.02,
                out_init_std: float | None = None, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
-    dense = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    dense = dict(role="mlp", use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.wi_gate = Dense(features, hidden, ("embed", "mlp"), init_std=init_std, **dense)
     self.wi_up = Dense(features, hidden, ("embed", "mlp"), init_std=init_std, **dense)
     self.wo = Dense(hidden, features, ("mlp", "embed"), init_std=out_init_std or init_std,

@@ -22,6 +22,7 @@ from pretrain_jax.errors import UserError
 from pretrain_jax.layers.attention import MultiHeadAttention, padding_mask
 from pretrain_jax.layers.linear import Dense, Embed, LayerNorm
 from pretrain_jax.layers.mlp import Mlp
+from pretrain_jax.layers.stack import Stack, check_remat_policy
 from pretrain_jax.layers.sharding import constrain
 
 gelu = functools.partial(jax.nn.gelu, approximate=False)  # BERT uses the exact erf GELU
@@ -42,9 +43,11 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   init_std: float = 0.02
   dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
-  remat: bool = False  # recompute each layer's activations in the backward pass
+  scan_layers: bool = True  # False: the same stacked parameters in a Python loop (debugging)
+  remat_policy: str = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
 
   def __post_init__(self):
+    check_remat_policy("BertConfig", self.remat_policy)
     if self.hidden % self.num_heads:
       raise UserError(f"BertConfig.hidden={self.hidden} is not divisible by "
                       f"num_heads={self.num_heads}")
@@ -62,13 +65,14 @@ class BertLayer(nnx.Module):
                               rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-  def __call__(self, h_BLD, mask_B11L, rngs=None):
+  def __call__(self, h_BLD, mask_B11L, cache=None, rngs=None):
+    del cache  # an encoder decodes nothing
     det = rngs is None
     a_BLD = self.attention_norm(
         h_BLD + self.dropout(self.attention(h_BLD, mask_B11L, rngs=rngs)[0], rngs=rngs,
                              deterministic=det))
     h_BLD = self.mlp_norm(a_BLD + self.dropout(self.mlp(a_BLD), rngs=rngs, deterministic=det))
-    return constrain(h_BLD, ("batch", "length", "act_embed"))
+    return constrain(h_BLD, ("batch", "length", "act_embed")), None
 
 
 class BertEncoder(nnx.Module):
@@ -83,7 +87,8 @@ class BertEncoder(nnx.Module):
     self.embed_norm = LayerNorm(cfg.hidden, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
                                 rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
-    self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.layers = Stack(lambda r: BertLayer(cfg, rngs=r), cfg.num_layers, rngs=rngs,
+                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
 
   def __call__(self, input_ids_BL, segment_ids_BL, *, pad_id: int = 0, rngs=None):
     length = input_ids_BL.shape[1]
@@ -96,11 +101,7 @@ class BertEncoder(nnx.Module):
     h_BLD = self.dropout(self.embed_norm(h_BLD), rngs=rngs, deterministic=rngs is None)
     h_BLD = constrain(h_BLD, ("batch", "length", "act_embed"))
     mask_B11L = padding_mask(input_ids_BL != pad_id)
-    for layer in self.layers:
-      if self.cfg.remat:
-        h_BLD = nnx.remat(lambda lyr, h, m, r: lyr(h, m, r))(layer, h_BLD, mask_B11L, rngs)
-      else:
-        h_BLD = layer(h_BLD, mask_B11L, rngs)
+    h_BLD, _ = self.layers(h_BLD, mask_B11L, rngs=rngs)
     return h_BLD
 
 
@@ -111,13 +112,13 @@ class BertForPretraining(nnx.Module):
     self.cfg = cfg
     common = dict(init_std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
     self.encoder = BertEncoder(cfg, rngs=rngs)
-    self.pooler = Dense(cfg.hidden, cfg.hidden, ("embed", "mlp"), **common)
-    self.mlm_transform = Dense(cfg.hidden, cfg.hidden, ("embed", "mlp"), **common)
+    self.pooler = Dense(cfg.hidden, cfg.hidden, ("embed", "mlp"), role="head", **common)
+    self.mlm_transform = Dense(cfg.hidden, cfg.hidden, ("embed", "mlp"), role="head", **common)
     self.mlm_norm = LayerNorm(cfg.hidden, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
                               rngs=rngs)
     self.mlm_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("vocab",))(
         rngs.params(), (cfg.vocab_size,), jnp.float32))
-    self.nsp = Dense(cfg.hidden, 2, ("mlp", None), **common)
+    self.nsp = Dense(cfg.hidden, 2, ("mlp", None), role="head", **common)
 
   def encode(self, inputs_BL, segment_ids_BL, rngs=None):
     return self.encoder(inputs_BL, segment_ids_BL, rngs=rngs)

@@ -22,10 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pretrain_jax.errors import UserError
-from pretrain_jax.layers.attention import MultiHeadAttention, cache_mask, causal_mask
+from pretrain_jax.layers.attention import MultiHeadAttention, causal_mask
+from pretrain_jax.layers.kv_cache import KVCache
 from pretrain_jax.layers.linear import Dense, Embed, LayerNorm, RMSNorm
 from pretrain_jax.layers.mlp import GatedMlp, Mlp
 from pretrain_jax.layers.sharding import constrain
+from pretrain_jax.layers.stack import Stack, check_remat_policy
 
 NORMS = ("post_layernorm", "pre_layernorm", "pre_rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -54,9 +56,11 @@ class GptConfig:
   init_std: float = 0.02
   scale_residual_init: bool = True  # GPT-2: residual projections start at std / √(2·layers)
   dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
-  remat: bool = False
+  scan_layers: bool = True  # False: the same stacked parameters in a Python loop (debugging)
+  remat_policy: str = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
 
   def __post_init__(self):
+    check_remat_policy("GptConfig", self.remat_policy)
     checks = [(self.norm in NORMS, f"norm={self.norm!r}; valid: {NORMS}"),
               (self.positions in POSITIONS, f"positions={self.positions!r}; valid: {POSITIONS}"),
               (self.mlp in MLPS, f"mlp={self.mlp!r}; valid: {MLPS}"),
@@ -78,19 +82,6 @@ class GptConfig:
     return self.head_dim or self.hidden // self.num_heads
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-  """Keys and values of every layer at `slots` positions, shared by a left-padded batch.
-
-  Slot s of row b holds a real token iff valid_BS[b, s]; the next call writes at `index`.
-  """
-  keys: list[jax.Array]  # per layer [B, S, kv_heads, head_dim]
-  values: list[jax.Array]
-  valid_BS: jax.Array
-  index: jax.Array
-
-
 class DecoderLayer(nnx.Module):
   def __init__(self, cfg: GptConfig, *, rngs: nnx.Rngs):
     self.post_ln = cfg.norm == "post_layernorm"
@@ -108,9 +99,11 @@ class DecoderLayer(nnx.Module):
                 else Mlp(cfg.hidden, cfg.mlp_dim, jax.nn.gelu, **common))
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-  def __call__(self, h_BLD, mask_B1LS, positions_BL, cache=None, rngs=None):
+  def __call__(self, h_BLD, mask_B1LS, positions_BL, cache=None, *, index=None, rngs=None):
+    """(h, this layer's updated (keys, values) when decoding through `cache`, else None)."""
     det = rngs is None
-    attend = lambda x: self.attention(x, mask_B1LS, positions_BL=positions_BL, cache=cache,
+    attend = lambda x: self.attention(x, mask_B1LS, positions_BL=positions_BL,
+                                      cache=None if cache is None else (*cache, index),
                                       rngs=rngs)
     if self.post_ln:
       a_BLD, kv = attend(h_BLD)
@@ -120,7 +113,7 @@ class DecoderLayer(nnx.Module):
       a_BLD, kv = attend(self.attention_norm(h_BLD))
       h_BLD = h_BLD + self.dropout(a_BLD, rngs=rngs, deterministic=det)
       h_BLD = h_BLD + self.dropout(self.mlp(self.mlp_norm(h_BLD)), rngs=rngs, deterministic=det)
-    return constrain(h_BLD, ("batch", "length", "act_embed")), kv
+    return constrain(h_BLD, ("batch", "length", "act_embed")), None if cache is None else kv
 
 
 class Gpt(nnx.Module):
@@ -134,32 +127,30 @@ class Gpt(nnx.Module):
       self.position_embed = Embed(cfg.max_positions, cfg.hidden, ("position", "embed"),
                                   **common)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.layers = Stack(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs=rngs,
+                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
     if cfg.norm != "post_layernorm":  # pre-LN stacks end un-normalised: GPT-2 adds a final LN
       norm_cls = RMSNorm if cfg.norm == "pre_rmsnorm" else LayerNorm
       self.final_norm = norm_cls(cfg.hidden, epsilon=cfg.norm_eps, dtype=cfg.dtype, rngs=rngs)
     if not cfg.tie_embeddings:
-      self.lm_head = Dense(cfg.hidden, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
-                           **common)
+      self.lm_head = Dense(cfg.hidden, cfg.vocab_size, ("embed", "vocab"), role="head",
+                           use_bias=False, **common)
 
   # The network ------------------------------------------------------------------------------
 
-  def hidden_states(self, tokens_BL, positions_BL, mask_B1LS, caches=None, rngs=None):
-    """Final hidden states [B, L, D] and each layer's (keys, values)."""
+  def hidden_states(self, tokens_BL, positions_BL, mask_B1LS, cache: KVCache | None = None,
+                    rngs=None):
+    """Final hidden states [B, L, D] and, decoding through `cache`, the stack's updated
+    (keys, values)."""
     h_BLD = self.token_embed(tokens_BL)
     if self.cfg.positions == "learned":
       h_BLD = h_BLD + self.position_embed(positions_BL)
     h_BLD = self.dropout(h_BLD, rngs=rngs, deterministic=rngs is None)
     h_BLD = constrain(h_BLD, ("batch", "length", "act_embed"))
-    kvs = []
-    for i, layer in enumerate(self.layers):
-      cache = None if caches is None else caches[i]
-      if self.cfg.remat:
-        h_BLD, kv = nnx.remat(lambda lyr, h, m, p, c, r: lyr(h, m, p, c, r))(
-            layer, h_BLD, mask_B1LS, positions_BL, cache, rngs)
-      else:
-        h_BLD, kv = layer(h_BLD, mask_B1LS, positions_BL, cache, rngs)
-      kvs.append(kv)
+    h_BLD, kvs = self.layers(
+        h_BLD, mask_B1LS, positions_BL, rngs=rngs,
+        xs=None if cache is None else (cache.keys[0], cache.values[0]),
+        index=None if cache is None else cache.index)
     if self.cfg.norm != "post_layernorm":
       h_BLD = self.final_norm(h_BLD)
     return h_BLD, kvs
@@ -192,20 +183,17 @@ class Gpt(nnx.Module):
 
   def init_cache(self, batch: int, slots: int) -> KVCache:
     self._check_length(slots)
-    shape = (batch, slots, self.cfg.kv_heads, self.cfg.head_size)
-    zeros = lambda: [jnp.zeros(shape, self.cfg.dtype) for _ in range(self.cfg.num_layers)]
-    return KVCache(zeros(), zeros(), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+    return KVCache.zeros(batch, slots, [self.cfg.num_layers], self.cfg.kv_heads,
+                         self.cfg.head_size, dtype=self.cfg.dtype)
 
   def decode(self, tokens_BL, positions_BL, valid_BL, cache: KVCache, last_only: bool = False):
     """Runs L new tokens (a prompt, or one sampled token) through the cache.
 
     Query slot index + i sees every valid slot ≤ index + i. Returns (logits [B, L, V], cache).
     """
-    mask_B1LS, valid_BS = cache_mask(cache.valid_BS, cache.index, valid_BL)
-    caches = [(k, v, cache.index) for k, v in zip(cache.keys, cache.values)]
-    h_BLD, kvs = self.hidden_states(tokens_BL, positions_BL, mask_B1LS, caches)
-    new_cache = KVCache([k for k, _ in kvs], [v for _, v in kvs], valid_BS,
-                        cache.index + tokens_BL.shape[1])
+    mask_B1LS, valid_BS = cache.attend(valid_BL)
+    h_BLD, (keys, values) = self.hidden_states(tokens_BL, positions_BL, mask_B1LS, cache)
+    new_cache = cache.advance([keys], [values], valid_BS, tokens_BL.shape[1])
     return self.logits(h_BLD[:, -1:] if last_only else h_BLD), new_cache
 
   # Accounting ------------------------------------------------------------------------------------
@@ -228,8 +216,8 @@ class GptClassifier(Gpt):
 
   def __init__(self, cfg: GptConfig, num_classes: int, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
-    self.classifier = Dense(cfg.hidden, num_classes, ("embed", None), init_std=cfg.init_std,
-                            dtype=cfg.dtype, rngs=rngs)
+    self.classifier = Dense(cfg.hidden, num_classes, ("embed", None), role="head",
+                            init_std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
 
   def classify(self, h_BD):
     return self.classifier(h_BD)

@@ -31,11 +31,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pretrain_jax.errors import UserError
-from pretrain_jax.layers.attention import (MultiHeadAttention, cache_mask, causal_mask,
-                                           segment_mask)
+from pretrain_jax.layers.attention import (MultiHeadAttention, causal_mask, cross_mask,
+                                           padding_mask, prefix_mask, segment_mask)
+from pretrain_jax.layers.kv_cache import KVCache
 from pretrain_jax.layers.linear import Dense, Embed, RMSNorm
 from pretrain_jax.layers.mlp import GatedMlp, Mlp
 from pretrain_jax.layers.sharding import constrain
+from pretrain_jax.layers.stack import Stack, check_remat_policy
 
 ARCHITECTURES = ("encoder_decoder", "encoder_decoder_shared", "encoder_decoder_half",
                  "decoder_only", "prefix_lm")
@@ -59,9 +61,11 @@ class T5Config:
   dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-6
   dtype: str = "float32"
-  remat: bool = False
+  scan_layers: bool = True  # False: the same stacked parameters in a Python loop (debugging)
+  remat_policy: str = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
 
   def __post_init__(self):
+    check_remat_policy("T5Config", self.remat_policy)
     if self.architecture not in ARCHITECTURES:
       raise UserError(f"T5Config.architecture={self.architecture!r}; valid: {ARCHITECTURES}")
     if self.mlp not in MLPS:
@@ -131,84 +135,73 @@ def _feed_forward(cfg: T5Config, rngs):
   return Mlp(cfg.d_model, cfg.d_ff, jax.nn.relu, **common)
 
 
+SHARED_PARTS = ("attention_norm", "attention", "mlp_norm", "mlp")  # the "shared" row's
+
+
 class T5Block(nnx.Module):
-  """Self-attention (+ cross-attention in a decoder) + feed-forward, each pre-RMSNorm."""
+  """Self-attention (+ cross-attention in a decoder) + feed-forward, each pre-RMSNorm.
+
+  Without `own_self_attention` the block builds only its cross-attention: the T5 paper's
+  "shared" encoder-decoder hands it the encoder blocks' self-attention and feed-forward.
+  """
 
   def __init__(self, cfg: T5Config, cross_attention: bool, *, rngs: nnx.Rngs,
-               shared: "T5Block | None" = None):
+               own_self_attention: bool = True):
     norm = lambda: RMSNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, rngs=rngs)
-    if shared is None:
+    if own_self_attention:
       self.attention_norm, self.attention = norm(), _attention(cfg, rngs)
       self.mlp_norm, self.mlp = norm(), _feed_forward(cfg, rngs)
-    else:  # the T5 paper's "shared" encoder-decoder: the same weights serve both stacks
-      self.attention_norm, self.attention = shared.attention_norm, shared.attention
-      self.mlp_norm, self.mlp = shared.mlp_norm, shared.mlp
     if cross_attention:
       self.cross_norm, self.cross_attention = norm(), _attention(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-  def __call__(self, x_BLD, mask_BHLS, bias_BHLS, *, context_BSD=None, context_mask_B1LS=None,
-               cache=None, context_kv=None, rngs=None):
+  def __call__(self, x_BLD, mask_B1LS, bias_BHLS, cache=None, *, index=None, context_BSD=None,
+               context_mask_B1LS=None, rngs=None):
+    """`cache` (decoding) = (keys, values, context keys, context values) of this layer.
+    Returns (x, this layer's updated (keys, values) when decoding, else None)."""
     drop = lambda t: self.dropout(t, rngs=rngs, deterministic=rngs is None)
-    a_BLD, kv = self.attention(self.attention_norm(x_BLD), mask_BHLS, bias_BHLS=bias_BHLS,
-                               cache=cache, rngs=rngs)
+    self_cache = None if cache is None else (cache[0], cache[1], index)
+    a_BLD, kv = self.attention(self.attention_norm(x_BLD), mask_B1LS, bias_BHLS=bias_BHLS,
+                               cache=self_cache, rngs=rngs)
     x_BLD = x_BLD + drop(a_BLD)
-    cross_kv = None
+    context_kv = None if cache is None else cache[2:]
     if context_BSD is not None or context_kv is not None:
-      c_BLD, cross_kv = self.cross_attention(self.cross_norm(x_BLD), context_mask_B1LS,
-                                             context_BSD=context_BSD, context_kv=context_kv,
-                                             rngs=rngs)
+      c_BLD, _ = self.cross_attention(self.cross_norm(x_BLD), context_mask_B1LS,
+                                      context_BSD=context_BSD, context_kv=context_kv,
+                                      rngs=rngs)
       x_BLD = x_BLD + drop(c_BLD)
     x_BLD = x_BLD + drop(self.mlp(self.mlp_norm(x_BLD)))
-    return constrain(x_BLD, ("batch", "length", "act_embed")), kv, cross_kv
+    return constrain(x_BLD, ("batch", "length", "act_embed")), None if cache is None else kv
 
 
 class T5Stack(nnx.Module):
-  """A stack of blocks with its relative position bias and final RMSNorm."""
+  """A scanned stack of blocks with its relative position bias and final RMSNorm."""
 
   def __init__(self, cfg: T5Config, *, decoder: bool, bidirectional: bool, rngs: nnx.Rngs,
                shared_with: "T5Stack | None" = None):
     self.cfg = cfg
     self.position_bias = RelativePositionBias(cfg, bidirectional, rngs=rngs)
-    shared = shared_with.blocks if shared_with is not None else [None] * cfg.stack_layers
-    self.blocks = nnx.List([T5Block(cfg, cross_attention=decoder, rngs=rngs, shared=s)
-                            for s in shared])
+    self.layers = Stack(lambda r: T5Block(cfg, cross_attention=decoder, rngs=r,
+                                          own_self_attention=shared_with is None),
+                        cfg.stack_layers, rngs=rngs, scan=cfg.scan_layers,
+                        remat_policy=cfg.remat_policy)
+    if shared_with is not None:  # the same stacked Variables serve both stacks
+      for name in SHARED_PARTS:
+        setattr(self.layers.block, name, getattr(shared_with.layers.block, name))
     self.final_norm = RMSNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
                               rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-  def __call__(self, x_BLD, mask_BHLS, positions_BL, key_positions_BS=None, *, context_BSD=None,
-               context_mask_B1LS=None, caches=None, context_kvs=None, rngs=None):
+  def __call__(self, x_BLD, mask_B1LS, positions_BL, key_positions_BS=None, *,
+               context_BSD=None, context_mask_B1LS=None, cache=None, index=None, rngs=None):
+    """(final hidden states, the layers' updated (keys, values) when decoding)."""
     drop = lambda t: self.dropout(t, rngs=rngs, deterministic=rngs is None)
     bias_BHLS = self.position_bias(positions_BL, positions_BL if key_positions_BS is None
                                    else key_positions_BS)
-    x_BLD = drop(x_BLD)
-    kvs, cross_kvs = [], []
-    for i, block in enumerate(self.blocks):
-      kwargs = dict(context_BSD=context_BSD, context_mask_B1LS=context_mask_B1LS,
-                    cache=None if caches is None else caches[i],
-                    context_kv=None if context_kvs is None else context_kvs[i], rngs=rngs)
-      if self.cfg.remat:
-        x_BLD, kv, cross_kv = nnx.remat(lambda b, x, m, p, kw: b(x, m, p, **kw))(
-            block, x_BLD, mask_BHLS, bias_BHLS, kwargs)
-      else:
-        x_BLD, kv, cross_kv = block(x_BLD, mask_BHLS, bias_BHLS, **kwargs)
-      kvs.append(kv)
-      cross_kvs.append(cross_kv)
-    return drop(self.final_norm(x_BLD)), kvs, cross_kvs
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class T5Cache:
-  """Decoder self-attention keys/values by slot, plus the encoder's keys/values per layer."""
-  keys: list[jax.Array]
-  values: list[jax.Array]
-  valid_BS: jax.Array
-  index: jax.Array
-  context_keys: list[jax.Array]
-  context_values: list[jax.Array]
-  context_valid_BS: jax.Array
+    x_BLD, kvs = self.layers(drop(x_BLD), mask_B1LS, bias_BHLS, xs=cache, index=index,
+                             context_BSD=context_BSD, context_mask_B1LS=context_mask_B1LS,
+                             rngs=rngs)
+    return drop(self.final_norm(x_BLD)), kvs
 
 
 class T5(nnx.Module):
@@ -227,8 +220,9 @@ class T5(nnx.Module):
       self.decoder = T5Stack(cfg, decoder=False, bidirectional=cfg.architecture == "prefix_lm",
                              rngs=rngs)
     if not cfg.tie_embeddings:
-      self.lm_head = Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
-                           init_std=cfg.d_model ** -0.5, dtype=cfg.dtype, rngs=rngs)
+      self.lm_head = Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), role="head",
+                           use_bias=False, init_std=cfg.d_model ** -0.5, dtype=cfg.dtype,
+                           rngs=rngs)
 
   def logits(self, y_BLD):
     if self.cfg.tie_embeddings:
@@ -240,8 +234,8 @@ class T5(nnx.Module):
   def encode(self, tokens_BS, segment_ids_BS=None, positions_BS=None, rngs=None):
     segment_ids_BS = (tokens_BS > 0).astype(jnp.int32) if segment_ids_BS is None else segment_ids_BS
     positions_BS = _positions(tokens_BS) if positions_BS is None else positions_BS
-    h_BSD, _, _ = self.encoder(self.token_embed(tokens_BS), segment_mask(segment_ids_BS, False),
-                               positions_BS, rngs=rngs)
+    h_BSD, _ = self.encoder(self.token_embed(tokens_BS), segment_mask(segment_ids_BS, False),
+                            positions_BS, rngs=rngs)
     return h_BSD
 
   def __call__(self, batch: dict, rngs=None):
@@ -260,69 +254,60 @@ class T5(nnx.Module):
       context_BSD = self.encode(encoder_tokens_BS, encoder_segments_BS,
                                 batch.get("encoder_positions"), rngs=rngs)
       if "decoder_segment_ids" in batch:  # packed: a decoder row reads only its own inputs
-        same_BLS = segments_BL[:, :, None] == encoder_segments_BS[:, None, :]
+        context_mask_B1LS = cross_mask(segments_BL, encoder_segments_BS)
       else:
-        same_BLS = jnp.ones(segments_BL.shape + encoder_segments_BS.shape[1:], bool)
-      context = dict(context_BSD=context_BSD,
-                     context_mask_B1LS=(same_BLS & (encoder_segments_BS != 0)[:, None, :])[:, None])
+        context_mask_B1LS = padding_mask(encoder_segments_BS != 0)
+      context = dict(context_BSD=context_BSD, context_mask_B1LS=context_mask_B1LS)
     elif self.cfg.architecture == "prefix_lm" and "decoder_causal_attention" in batch:
-      # Raffel et al.: the inputs prefix (and the position that reads its last token) is
-      # visible in both directions; the targets stay causal.
-      prefix_BL = batch["decoder_causal_attention"] > 0
-      same_BLL = segments_BL[:, :, None] == segments_BL[:, None, :]
-      mask_B1LL = mask_B1LL | (same_BLL & prefix_BL[:, None, :] & prefix_BL[:, :, None])[:, None]
-    y_BLD, _, _ = self.decoder(self.token_embed(tokens_BL), mask_B1LL, positions_BL,
-                               rngs=rngs, **context)
+      mask_B1LL = prefix_mask(segments_BL, batch["decoder_causal_attention"] > 0)
+    y_BLD, _ = self.decoder(self.token_embed(tokens_BL), mask_B1LL, positions_BL, rngs=rngs,
+                            **context)
     return self.logits(y_BLD)
 
   # Incremental decoding (encoder-decoders) ---------------------------------------------------
 
-  def start_decoding(self, encoder_tokens_BS, slots: int) -> T5Cache:
-    """Runs the encoder once and projects its output into every decoder layer's keys/values."""
+  def decoding(self, encoder_tokens_BS) -> "T5Decoding":
+    """The decoding protocol (models/protocol.py) for a batch of encoder inputs."""
     if not self.cfg.is_encoder_decoder:
       raise UserError(f"incremental decoding is built for encoder-decoders; architecture "
                       f"{self.cfg.architecture!r} is scored, not decoded")
-    context_BSD = self.encode(encoder_tokens_BS)
-    batch = encoder_tokens_BS.shape[0]
-    shape = (batch, slots, self.cfg.num_heads, self.cfg.d_kv)
-    zeros = lambda: [jnp.zeros(shape, self.cfg.dtype) for _ in self.decoder.blocks]
-    keys, values = [], []
-    for block in self.decoder.blocks:
-      keys.append(block.cross_attention.key(context_BSD))
-      values.append(block.cross_attention.value(context_BSD))
-    return T5Cache(zeros(), zeros(), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32),
-                   keys, values, encoder_tokens_BS > 0)
+    return T5Decoding(self, encoder_tokens_BS)
 
-  def decode(self, tokens_BL, positions_BL, valid_BL, cache: T5Cache, last_only: bool = False):
+  def start_decoding(self, encoder_tokens_BS, slots: int) -> KVCache:
+    """Runs the encoder once and projects its output into every decoder layer's keys/values."""
+    context_BSD = self.encode(encoder_tokens_BS)
+    graphdef, state = nnx.split(self.decoder.layers.block.cross_attention)
+    project = lambda which: jax.vmap(
+        lambda layer: getattr(nnx.merge(graphdef, layer), which)(context_BSD))(state)
+    return KVCache.zeros(encoder_tokens_BS.shape[0], slots, [self.cfg.stack_layers],
+                         self.cfg.num_heads, self.cfg.d_kv, dtype=self.cfg.dtype,
+                         context_keys=(project("key"),), context_values=(project("value"),),
+                         context_valid_BS=encoder_tokens_BS > 0)
+
+  def decode(self, tokens_BL, positions_BL, valid_BL, cache: KVCache, last_only: bool = False):
     """Decoder steps over the cache: (logits [B, L, V], cache)."""
-    length, slots = tokens_BL.shape[1], cache.valid_BS.shape[1]
-    mask_B1LS, valid_BS = cache_mask(cache.valid_BS, cache.index, valid_BL)
-    key_positions_BS = jnp.broadcast_to(jnp.arange(slots), valid_BS.shape)
-    caches = [(k, v, cache.index) for k, v in zip(cache.keys, cache.values)]
-    context_mask_B1LS = jnp.broadcast_to(cache.context_valid_BS[:, None, None, :],
-                                         (tokens_BL.shape[0], 1, length,
-                                          cache.context_valid_BS.shape[1]))
-    y_BLD, kvs, _ = self.decoder(
+    mask_B1LS, valid_BS = cache.attend(valid_BL)
+    key_positions_BS = jnp.broadcast_to(jnp.arange(valid_BS.shape[1]), valid_BS.shape)
+    y_BLD, (keys, values) = self.decoder(
         self.token_embed(tokens_BL), mask_B1LS, positions_BL, key_positions_BS,
-        context_mask_B1LS=context_mask_B1LS, caches=caches,
-        context_kvs=list(zip(cache.context_keys, cache.context_values)))
-    new = dataclasses.replace(cache, keys=[k for k, _ in kvs], values=[v for _, v in kvs],
-                              valid_BS=valid_BS, index=cache.index + length)
-    return self.logits(y_BLD[:, -1:] if last_only else y_BLD), new
+        context_mask_B1LS=padding_mask(cache.context_valid_BS), index=cache.index,
+        cache=(cache.keys[0], cache.values[0], cache.context_keys[0], cache.context_values[0]))
+    new_cache = cache.advance([keys], [values], valid_BS, tokens_BL.shape[1])
+    return self.logits(y_BLD[:, -1:] if last_only else y_BLD), new_cache
 
   def train_flops_per_token(self, seq_len: int) -> float:
     return flops_per_token(self.cfg, seq_len)
 
 
 class T5Decoding(nnx.Module):
-  """Adapts an encoder-decoder to inference/decoding.py's protocol for a batch of inputs:
+  """An encoder-decoder bound to a batch of inputs, as inference/decoding.py's `Decoder`:
   `init_cache` encodes them, the decoder prompt is BOS (id 0)."""
 
   def __init__(self, model: T5, encoder_tokens_BS):
     self.model = model
     self.encoder_tokens = nnx.Variable(jnp.asarray(encoder_tokens_BS, jnp.int32))
 
-  def init_cache(self, batch: int, slots: int) -> T5Cache:
+  def init_cache(self, batch: int, slots: int) -> KVCache:
     del batch
     return self.model.start_decoding(self.encoder_tokens[...], slots)
 
