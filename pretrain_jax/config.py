@@ -1,4 +1,9 @@
-"""Gin configuration: where configs live, parsing them with clear errors, reading bindings."""
+"""Gin configuration: where configs live, parsing them with clear errors, reading bindings.
+
+Imports nothing of ours beyond `errors` (no JAX, models or data), so it stays cheap to import;
+whoever parses gin first imports the modules that register its configurables
+(`pretrain_jax.registry` imports them all).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 
 import gin
 from absl import logging as absl_logging
@@ -17,9 +23,11 @@ GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def configure(gin_files: list[str], bindings: list[str]) -> None:
-  """Parses gin files (here or in gin_configs/) and NAME=VALUE bindings; UserError if bad."""
+  """Parses gin files (here or in gin_configs/) and NAME=VALUE bindings; UserError if bad.
+
+  The configurables must already be registered (import `pretrain_jax.registry`).
+  """
   absl_logging.set_verbosity(absl_logging.ERROR)  # seqio warns about uncached sources
-  from pretrain_jax import registry  # pylint: disable=import-outside-toplevel,unused-import
   # Includes resolve in gin_configs/ first. gin has no public way to put a search path before
   # the working directory, and its package-path reader crashes when the working directory
   # holds a folder named like an include's ('runs/' from a training run, say).
@@ -56,7 +64,10 @@ def bound(name: str, default=None):
 
 
 def _suggestion(message: str) -> str:
-  """' Did you mean ...?' for a misspelt configurable or parameter in a gin error message."""
+  """' Did you mean ...?' for a misspelt configurable or parameter in a gin error message, or
+  the import that registers ours when none is."""
+  if "No configurable matching" in message and "pretrain_jax.registry" not in sys.modules:
+    return " (import pretrain_jax.registry first: it registers our configurables)"
   registry = gin.config._REGISTRY  # pylint: disable=protected-access
   if m := re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", message):
     try:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pretrain_jax import registry  # noqa: F401  (gin configurables and tasks)
 from pretrain_jax.config import bound, configure
 from pretrain_jax.inference import decoding
 

@@ -33,6 +33,7 @@ import seqio
 import tensorflow as tf
 from absl import logging as absl_logging
 
+from pretrain_jax import registry  # noqa: F401  (gin configurables and tasks)
 from pretrain_jax.config import bound, configure
 from pretrain_jax.data import corpora, pipeline, vocabularies
 from pretrain_jax.inference import loading

@@ -1,4 +1,5 @@
-"""The masked-LM data pipeline on real text: statistics, show-data, dynamic masks, resume."""
+"""The data pipeline on real text: masked-LM statistics, show-data of every task, batch shapes
+ahead of time, dynamic masks, resume."""
 
 import json
 import os
@@ -6,10 +7,13 @@ import subprocess
 import sys
 
 import gin
+import jax
 import numpy as np
 import pytest
+import seqio
 
-from pretrain_jax.data import pipeline, tasks, vocabularies
+from pretrain_jax.data import pipeline, show, tasks, vocabularies
+from pretrain_jax.errors import UserError
 from pretrain_jax.objectives.masked_lm import MaskedLmFeatureConverter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,22 +71,96 @@ def test_whole_word_and_span_tasks_select_whole_words():
   assert all("nsp_label" not in e and (e["segment_ids"] == 0).all() for e in spanbert)
 
 
-def test_show_data_json_and_list():
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-  run = lambda *a: subprocess.run([sys.executable, "-m", "pretrain_jax", "show-data", *a],
-                                  cwd=REPO, env=env, capture_output=True, text=True, check=True)
-  listed = run("--list").stdout
-  assert all(f"task     bbc_{t}" in listed for t in tasks.MLM_OBJECTIVES)
-  out = run("--task=bbc_bert", "--num=3", "--json", "--sequence_length=64").stdout
+# The model features each converter makes (nsp_label too when the task makes sentence pairs).
+CONVERTER_FEATURES = {
+    "MaskedLmFeatureConverter": {"inputs", "targets", "loss_weights", "segment_ids"},
+    "CausalLmFeatureConverter": {"decoder_input_tokens", "decoder_target_tokens",
+                                 "decoder_loss_weights", "decoder_segment_ids",
+                                 "decoder_positions"},
+    "EncDecFeatureConverter": {"encoder_input_tokens", "encoder_segment_ids",
+                               "encoder_positions", "decoder_input_tokens",
+                               "decoder_target_tokens", "decoder_loss_weights",
+                               "decoder_segment_ids", "decoder_positions"},
+    "ClassificationFeatureConverter": {"tokens", "label"},
+}
+
+
+def _show(capsys, **kwargs) -> str:
+  capsys.readouterr()
+  show.main(**{"task": None, "split": "train", "num": 1, "as_json": True, "list_tasks": False,
+               "sequence_length": 64, **kwargs})
+  return capsys.readouterr().out
+
+
+def test_show_data_of_every_task_uses_its_own_converter(capsys):
+  """No gin file: each task (and mixture) is shown through its objective's converter."""
+  gin.clear_config()
+  listed = [line.split()[1] for line in _show(capsys, list_tasks=True).splitlines()]
+  assert {f"bbc_{t}" for t in tasks.MLM_OBJECTIVES} | {"bbc_lm", "bbc_span_corruption",
+                                                      "bbc_topic_gpt"} <= set(listed)
+  for name in listed:
+    rows = [json.loads(line) for line in _show(capsys, task=name).splitlines()]
+    assert len(rows) == 1, name
+    features = {k for k in rows[0] if not k.endswith("_text")}
+    expected = CONVERTER_FEATURES[type(tasks.feature_converter(name)).__name__]
+    assert expected <= features <= expected | {"nsp_label"}, (name, features)
+  out = _show(capsys, task="bbc_bert", num=3)
   rows = [json.loads(line) for line in out.strip().splitlines()]
   assert len(rows) == 3
   for row in rows:
-    assert {"inputs", "targets", "loss_weights", "segment_ids", "nsp_label", "inputs_text",
-            "targets_text"} <= set(row)
+    assert {"nsp_label", "inputs_text", "targets_text"} <= set(row)
     assert row["targets_text"].startswith("[CLS] ") and row["targets_text"].endswith("[SEP]")
     assert len(row["inputs"]) == len(row["targets"]) == len(row["loss_weights"]) <= 64
     if any(row["loss_weights"]):
       assert "[MASK]" in row["inputs_text"] or row["inputs"] != row["targets"]
+
+
+def test_show_data_cli_shows_a_t5_task_without_a_gin_file():
+  """Once it applied the masked-LM converter to every task and died with a traceback."""
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  out = subprocess.run([sys.executable, "-m", "pretrain_jax", "show-data",
+                        "--task=bbc_span_corruption", "--num=1", "--json",
+                        "--sequence_length=64"],
+                       cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+  row = json.loads(out)
+  assert CONVERTER_FEATURES["EncDecFeatureConverter"] <= set(row)
+  assert "<extra_id_0>" in row["encoder_input_tokens_text"]
+
+
+def test_show_data_of_an_unknown_task_or_converter_is_one_user_error():
+  gin.clear_config()
+  with pytest.raises(UserError, match=r"unknown task or mixture 'bbc_nope'; registered: bbc_"):
+    show.main("bbc_nope", "train", 1, True, False, 64)
+  name = "test_task_without_converter"
+  seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(lambda split, shuffle_files: None,
+                                                               splits=["train"]),
+                         preprocessors=[], output_features={})
+  seqio.MixtureRegistry.add("test_mixed_objectives",
+                            [("bbc_topic", 1.0), ("bbc_topic_gpt", 1.0)])
+  try:
+    with pytest.raises(UserError, match=f"{name}.*train.feature_converter"):
+      show.main(name, "train", 1, True, False, 64)
+    with pytest.raises(UserError, match="'test_mixed_objectives' mixes tasks of different "
+                       r"feature converters \(ClassificationFeatureConverter, EncDec"):
+      show.main("test_mixed_objectives", "train", 1, True, False, 64)
+  finally:
+    seqio.TaskRegistry.remove(name)
+    seqio.MixtureRegistry.remove("test_mixed_objectives")
+
+
+@pytest.mark.parametrize("task,lengths", [
+    ("bbc_bert", {"inputs": 32, "targets": 32}),  # masked LM + NSP
+    ("bbc_lm", {"inputs": 32, "targets": 32}),  # causal LM, packed
+    ("bbc_span_corruption", {"inputs": 64, "targets": 16}),  # T5, packed
+    ("bbc_topic_gpt", {"inputs": 32, "targets": 32}),  # classification
+])
+def test_batch_spec_is_a_real_batch_without_reading_one(task, lengths):
+  gin.clear_config()
+  spec = pipeline.batch_spec(task, lengths, tasks.feature_converter(task), batch_size=2)
+  batch = next(pipeline.TrainBatches(task, lengths, tasks.feature_converter(task), 2, seed=0))
+  assert {k: (v.shape, v.dtype) for k, v in spec.items()} == (
+      {k: (v.shape, v.dtype) for k, v in batch.items()})
+  assert all(isinstance(v, jax.ShapeDtypeStruct) for v in spec.values())
 
 
 @pytest.fixture

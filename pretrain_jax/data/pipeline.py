@@ -47,12 +47,17 @@ def feature_lengths(sequence_length: int, targets_length: int | None = None,
   return {"inputs": sequence_length - targets_length, "targets": targets_length}
 
 
-def _dataset(task: str, feature_lengths: dict, converter, split: str, seed: int | None,
-             shuffle: bool, shard: seqio.ShardInfo | None = None):
+def provider(task: str) -> seqio.DatasetProviderBase:
+  """The registered task or mixture `task`; a UserError listing the registered ones if none."""
   if task not in seqio.TaskRegistry.names() and task not in seqio.MixtureRegistry.names():
     known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
     raise UserError(f"unknown task or mixture {task!r}; registered: {', '.join(known)}")
-  splits = seqio.get_mixture_or_task(task).splits
+  return seqio.get_mixture_or_task(task)
+
+
+def _dataset(task: str, feature_lengths: dict, converter, split: str, seed: int | None,
+             shuffle: bool, shard: seqio.ShardInfo | None = None):
+  splits = provider(task).splits
   if split not in splits:
     raise UserError(f"task {task!r} has no split {split!r}; its splits: {', '.join(splits)}")
   return seqio.get_dataset(task, feature_lengths, converter, dataset_split=split,
@@ -135,6 +140,17 @@ def eval_batches(task: str, feature_lengths: dict, converter, batch_size: int,
     raise UserError(f"task {task!r} split {split!r} yields no full batch of {batch_size} "
                     "examples for evaluation; lower the eval batch size or set eval_every=0")
   return batches
+
+
+def batch_spec(task: str, feature_lengths: dict, converter, batch_size: int,
+               split: str = "train", sharding_of=None) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch of `task` through `converter` as shapes and dtypes, for compiling the
+  train step ahead of time: read off the converted tf.data graph's element_spec, which is
+  built (the source is opened) but never iterated. `sharding_of(ndim)` as in to_global."""
+  spec = _dataset(task, feature_lengths, converter, split, seed=0, shuffle=False).element_spec
+  return {k: jax.ShapeDtypeStruct((batch_size, *s.shape), s.dtype.as_numpy_dtype,
+                                  sharding=sharding_of(len(s.shape) + 1) if sharding_of else None)
+          for k, s in spec.items()}
 
 
 def to_global(batch: dict[str, np.ndarray], sharding_of) -> dict[str, jax.Array]:

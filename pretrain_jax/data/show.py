@@ -8,16 +8,14 @@ import numpy as np
 import seqio
 
 from pretrain_jax import config
-from pretrain_jax.data import pipeline
+from pretrain_jax.data import pipeline, tasks
 from pretrain_jax.errors import UserError
 
 
-def _converter():
+def _converter(task: str):
+  """gin's train.feature_converter when a config binds one, else the task's own."""
   converter = config.bound("train.feature_converter")
-  if converter is None:
-    from pretrain_jax.objectives.masked_lm import MaskedLmFeatureConverter
-    converter = MaskedLmFeatureConverter()
-  return converter
+  return tasks.feature_converter(task) if converter is None else converter
 
 
 def _vocabulary(task: str):
@@ -29,7 +27,7 @@ def _vocabulary(task: str):
 def examples(task: str, split: str, num: int, sequence_length: int, seed: int = 0):
   """The first `num` converted examples of `task` (numpy dicts), unbatched."""
   lengths = pipeline.feature_lengths(sequence_length)
-  ds = pipeline._dataset(task, lengths, _converter(), split, seed, shuffle=False)  # pylint: disable=protected-access
+  ds = pipeline._dataset(task, lengths, _converter(task), split, seed, shuffle=False)  # pylint: disable=protected-access
   return list(ds.take(num).as_numpy_iterator())
 
 

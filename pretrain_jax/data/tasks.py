@@ -14,17 +14,20 @@ Importing this module registers:
                  text-to-text tasks; bbc_span_corruption_and_prefix_lm mixes two by rate
 Masks are drawn per epoch (the trainer passes seed + epoch), so every task masks dynamically.
 Users' text: `local_text_task(pattern=..., separator=..., objective=...)`, selected from gin.
+Each task is registered with its objective's feature converter (`feature_converter(name)`).
+Registering reads no corpus: a source counts its examples when SeqIO first asks.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import gin
 import seqio
 import tensorflow as tf
 
-from pretrain_jax.data import corpora, vocabularies
+from pretrain_jax.data import corpora, pipeline, vocabularies
 from pretrain_jax.errors import UserError
 from pretrain_jax.objectives import causal_lm, classification, denoising, masked_lm
 
@@ -37,7 +40,47 @@ MLM_OBJECTIVES = {
 }
 
 
-def _records_source(records_of_split, num_examples: dict[str, int]) -> seqio.DataSource:
+# The feature converter of each task's objective, by task name: a factory, as converters keep
+# per-call state. T5's objectives pack inputs and targets (objectives/t5_span_corruption.gin).
+_CONVERTERS: dict[str, Callable[[], seqio.FeatureConverter]] = {}
+_ENC_DEC = functools.partial(seqio.EncDecFeatureConverter, pack=True)
+
+
+def _add_task(name: str, converter: Callable[[], seqio.FeatureConverter], **kwargs) -> seqio.Task:
+  """seqio.TaskRegistry.add, remembering the converter of the task's objective."""
+  _CONVERTERS[name] = converter
+  return seqio.TaskRegistry.add(name, **kwargs)
+
+
+def feature_converter(name: str) -> seqio.FeatureConverter:
+  """A fresh feature converter of the objective of task or mixture `name`, for when gin binds
+  no train.feature_converter (show-data); a mixture's tasks must agree on it."""
+  subtasks = seqio.get_subtasks(pipeline.provider(name))
+  unknown = [t.name for t in subtasks if t.name not in _CONVERTERS]
+  if unknown:
+    raise UserError(f"task {unknown[0]!r} was not registered by pretrain_jax.data.tasks, so its "
+                    "feature converter is unknown; bind train.feature_converter in a gin file")
+  factories = {_CONVERTERS[t.name] for t in subtasks}
+  if len(factories) > 1:
+    kinds = sorted(getattr(f, "func", f).__name__ for f in factories)
+    raise UserError(f"mixture {name!r} mixes tasks of different feature converters "
+                    f"({', '.join(kinds)}); bind train.feature_converter in a gin file")
+  return factories.pop()()
+
+
+class _Source(seqio.FunctionDataSource):
+  """A FunctionDataSource that counts a split's examples only when SeqIO asks (it caches small
+  sources in memory), so registering a task over the bundled corpus reads none of its files."""
+
+  def __init__(self, dataset_fn, splits, count_of_split: Callable[[str], int]):
+    super().__init__(dataset_fn, splits=splits)
+    self._count_of_split = count_of_split
+
+  def num_input_examples(self, split: str) -> int:
+    return self._count_of_split(split)
+
+
+def _records_source(records_of_split, count_of_split) -> seqio.DataSource:
   """A SeqIO source of in-memory records (a dict of equal-length lists per split), shuffled
   per seed when the trainer asks."""
   def dataset_fn(split, shuffle_files, seed=None):
@@ -47,21 +90,20 @@ def _records_source(records_of_split, num_examples: dict[str, int]) -> seqio.Dat
       size = len(next(iter(records.values())))
       ds = ds.shuffle(max(size, 1), seed=seed, reshuffle_each_iteration=False)
     return ds
-  return seqio.FunctionDataSource(dataset_fn, splits=tuple(num_examples),
-                                  num_input_examples=num_examples)
+  return _Source(dataset_fn, corpora.SPLITS, count_of_split)
 
 
-def _texts_source(texts_of_split, num_examples: dict[str, int]) -> seqio.DataSource:
+def _texts_source(texts_of_split, count_of_split) -> seqio.DataSource:
   """A SeqIO source of {"text"} documents."""
   return _records_source(lambda split: {"text": tf.constant(texts_of_split(split), tf.string)},
-                         num_examples)
+                         count_of_split)
 
 
 def _mlm_task(name: str, source: seqio.DataSource, objective: str, vocabulary) -> seqio.Task:
   make_segments, unit = MLM_OBJECTIVES[objective]
   feature = seqio.Feature(vocabulary, add_eos=False, required=False)
-  return seqio.TaskRegistry.add(
-      name, source=source,
+  return _add_task(
+      name, masked_lm.MaskedLmFeatureConverter, source=source,
       preprocessors=[masked_lm.tokenize_sentences, make_segments,
                      functools.partial(masked_lm.mask_tokens, unit=unit)],
       output_features={"inputs": feature, "targets": feature})
@@ -73,8 +115,8 @@ def _bbc_texts(split):
 
 def _lm_task(name: str, source: seqio.DataSource, vocabulary, text_key: str = "text"):
   """Whole documents + EOS, cut into chunks of the sequence length (packed by the converter)."""
-  return seqio.TaskRegistry.add(
-      name, source=source,
+  return _add_task(
+      name, causal_lm.CausalLmFeatureConverter, source=source,
       preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
                      seqio.preprocessors.tokenize, seqio.preprocessors.append_eos,
                      causal_lm.split_to_length],
@@ -96,8 +138,9 @@ def _topic_task(name: str, source: seqio.DataSource, vocabulary, gpt_format: boo
                      classification.gpt_format]
   else:
     preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
-  return seqio.TaskRegistry.add(
-      name, source=source, preprocessors=preprocessors,
+  converter = classification.ClassificationFeatureConverter if gpt_format else _ENC_DEC
+  return _add_task(
+      name, converter, source=source, preprocessors=preprocessors,
       output_features={"inputs": seqio.Feature(vocabulary, add_eos=not gpt_format),
                        "targets": seqio.Feature(vocabulary, add_eos=True)},
       metric_fns=[])
@@ -123,8 +166,8 @@ def _raw_length(objective: str):
 
 def _denoising_task(name: str, source: seqio.DataSource, objective: str, vocabulary,
                     text_key: str = "text"):
-  return seqio.TaskRegistry.add(
-      name, source=source,
+  return _add_task(
+      name, _ENC_DEC, source=source,
       preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
                      seqio.preprocessors.tokenize,
                      functools.partial(causal_lm.split_to_length,
@@ -137,15 +180,19 @@ def _denoising_task(name: str, source: seqio.DataSource, objective: str, vocabul
 DENOISING_OBJECTIVES = ("span_corruption", "iid_noise", "prefix_lm", "deshuffle")
 
 
+@functools.lru_cache(maxsize=None)
+def _bbc_count(split):
+  return len(corpora.bbc_articles(split))
+
+
 def register_bbc_tasks() -> None:
-  counts = {s: len(corpora.bbc_articles(s)) for s in corpora.SPLITS}
-  source = _texts_source(_bbc_texts, counts)
+  source = _texts_source(_bbc_texts, _bbc_count)
   for objective in MLM_OBJECTIVES:
     if f"bbc_{objective}" not in seqio.TaskRegistry.names():
       _mlm_task(f"bbc_{objective}", source, objective, vocabularies.bbc_wordpiece())
   if "bbc_lm" not in seqio.TaskRegistry.names():
     _lm_task("bbc_lm", source, vocabularies.bbc_sentencepiece())
-    topics = _records_source(_bbc_topics, counts)
+    topics = _records_source(_bbc_topics, _bbc_count)
     _topic_task("bbc_topic", topics, vocabularies.bbc_sentencepiece(), gpt_format=False)
     _topic_task("bbc_topic_gpt", topics, vocabularies.bbc_sentencepiece(), gpt_format=True)
     for objective in DENOISING_OBJECTIVES:
@@ -165,8 +212,7 @@ def local_text_task(pattern: str = gin.REQUIRED, separator: str = "file",
   by_split = {s: corpora.split_documents(documents, s) for s in corpora.SPLITS}
   task_name = f"{name}_{objective}"
   seqio.TaskRegistry.remove(task_name)
-  _mlm_task(task_name, _texts_source(by_split.__getitem__,
-                                     {s: len(d) for s, d in by_split.items()}),
+  _mlm_task(task_name, _texts_source(by_split.__getitem__, lambda s: len(by_split[s])),
             objective, vocabulary or vocabularies.bbc_wordpiece())
   return task_name
 
