@@ -49,21 +49,6 @@ def test_sequence_longer_than_positions_is_refused():
     model.encode(ids, ids * 0)
 
 
-def test_remat_gives_the_same_gradients():
-  def grads(remat):
-    cfg = bert.BertConfig(vocab_size=100, hidden=32, num_layers=2, num_heads=2, mlp_dim=64,
-                          remat=remat)
-    graphdef, params = nnx.split(bert.BertForPretraining(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    ids = jax.numpy.arange(16).reshape(2, 8) % 100
-
-    def loss(p):
-      return nnx.merge(graphdef, p).encode(ids, ids * 0, rngs=nnx.Rngs(dropout=1)).sum()
-    return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
-
-  for a, b in zip(grads(False), grads(True)):
-    np.testing.assert_allclose(a, b, atol=1e-5)
-
-
 def test_configs_parse_from_a_directory_with_clashing_folder_names(tmp_path, monkeypatch):
   """A `runs/` or `models/` folder in the working directory must not hijack gin includes."""
   for name in ("runs", "models", "objectives"):

@@ -18,10 +18,11 @@ inputs ++ targets with the loss on the targets only.
 from __future__ import annotations
 
 import gin
-import jax
 import jax.numpy as jnp
 import seqio
 import tensorflow as tf
+
+from pretrain_jax.objectives.losses import cross_entropy
 
 
 def split_to_length(dataset, sequence_length, output_features, length_of=None):
@@ -74,25 +75,17 @@ def text_to_text_loss(model, batch, rngs=None, z_loss: float = 0.0):
 
 
 def token_cross_entropy(logits_BLV, batch, z_loss: float = 0.0):
-  """Token-mean cross-entropy over `decoder_loss_weights` (+ z_loss · mean log Z², which keeps
-  the softmax normaliser near 1; T5X uses 1e-4).
+  """Token-mean cross-entropy over `decoder_loss_weights` (+ z_loss · mean log Z²).
 
   Metrics are (numerator, denominator) sums, so `loss` is the exact mean over tokens and
   `perplexity` = exp(loss) (see metrics.reduce).
   """
-  logits_BLV = logits_BLV.astype(jnp.float32)
-  targets_BL = batch["decoder_target_tokens"]
-  weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
-  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)  # once, for the CE and the z-loss
-  ce_BL = log_z_BL - jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-  count = weights_BL.sum()
-  ce_sum = (ce_BL * weights_BL).sum()
+  ce_sum, correct, count, z_sum = cross_entropy(logits_BLV, batch["decoder_target_tokens"],
+                                                batch["decoder_loss_weights"])
   loss = ce_sum / jnp.maximum(count, 1.0)
-  correct = ((jnp.argmax(logits_BLV, -1) == targets_BL) * weights_BL).sum()
   metrics = {"loss": (ce_sum, count), "log_perplexity": (ce_sum, count),
              "accuracy": (correct, count)}
   if z_loss:
-    z_sum = (jnp.square(log_z_BL) * weights_BL).sum()
     loss = loss + z_loss * z_sum / jnp.maximum(count, 1.0)
     metrics["z_loss"] = (z_sum, count)
   return loss, metrics

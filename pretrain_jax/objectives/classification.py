@@ -15,11 +15,11 @@ from __future__ import annotations
 import gin
 import jax
 import jax.numpy as jnp
-import optax
 import seqio
 import tensorflow as tf
 
 from pretrain_jax.errors import UserError
+from pretrain_jax.objectives.losses import cross_entropy
 
 SPECIAL_TOKENS = ("start", "delim", "extract")
 
@@ -95,18 +95,13 @@ def final_token_classifier_loss(model, batch, rngs=None, lm_weight: float = 0.5)
   """Cross-entropy of the classifier on the last real token (+ λ · the LM loss on the text)."""
   tokens_BL, labels_B = batch["tokens"], batch["label"]
   h_BLD, h_BD = _hidden_states(model, tokens_BL, rngs)
-  logits_BC = model.classify(h_BD).astype(jnp.float32)
-  ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B)
-  n = jnp.float32(labels_B.shape[0])
-  loss = ce_B.mean()
-  correct = (jnp.argmax(logits_BC, -1) == labels_B).sum().astype(jnp.float32)
-  metrics = {"classifier_loss": (ce_B.sum(), n), "accuracy": (correct, n)}
+  ce_sum, correct, n, _ = cross_entropy(model.classify(h_BD), labels_B)
+  loss = ce_sum / n
+  metrics = {"classifier_loss": (ce_sum, n), "accuracy": (correct, n)}
   if lm_weight:
-    lm_logits_BLV = model.logits(h_BLD[:, :-1]).astype(jnp.float32)
-    weights_BL = (tokens_BL[:, 1:] != 0).astype(jnp.float32)
-    lm_sum = (optax.softmax_cross_entropy_with_integer_labels(lm_logits_BLV, tokens_BL[:, 1:])
-              * weights_BL).sum()
-    lm_count = jnp.maximum(weights_BL.sum(), 1.0)
+    lm_sum, _, lm_count, _ = cross_entropy(model.logits(h_BLD[:, :-1]), tokens_BL[:, 1:],
+                                           tokens_BL[:, 1:] != 0)
+    lm_count = jnp.maximum(lm_count, 1.0)
     loss = loss + lm_weight * lm_sum / lm_count
     metrics["lm_loss"] = (lm_sum, lm_count)
   metrics["loss"] = (loss * n, n)

@@ -22,11 +22,11 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import seqio
 import tensorflow as tf
 
 from pretrain_jax.errors import UserError
+from pretrain_jax.objectives.losses import cross_entropy
 from pretrain_jax.objectives import masking, sentence_pairs
 
 
@@ -240,12 +240,6 @@ gin.external_configurable(MaskedLmFeatureConverter)
 
 # Loss ------------------------------------------------------------------------------------------
 
-def _weighted_ce(logits, labels, weights):
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return (loss * weights).sum(), (correct * weights).sum(), weights.sum()
-
-
 @gin.configurable
 def masked_lm_loss(model, batch, rngs=None, masking_config: MaskingConfig | None = None):
   """MLM cross-entropy over the selected positions (+ NSP when the batch has labels).
@@ -261,13 +255,13 @@ def masked_lm_loss(model, batch, rngs=None, masking_config: MaskingConfig | None
   weights_BP, positions_BP = jax.lax.top_k(weights_BL, num_predictions)
   h_BPD = jnp.take_along_axis(h_BLD, positions_BP[..., None], axis=1)
   targets_BP = jnp.take_along_axis(batch["targets"], positions_BP, axis=1)
-  mlm_sum, mlm_correct, mlm_count = _weighted_ce(model.mlm_logits(h_BPD), targets_BP, weights_BP)
+  mlm_sum, mlm_correct, mlm_count, _ = cross_entropy(model.mlm_logits(h_BPD), targets_BP,
+                                                     weights_BP)
   loss = mlm_sum / jnp.maximum(mlm_count, 1.0)
   metrics = {"mlm_loss": (mlm_sum, mlm_count), "mlm_accuracy": (mlm_correct, mlm_count)}
   if "nsp_label" in batch:
-    ones = jnp.ones(batch["nsp_label"].shape, jnp.float32)
-    nsp_sum, nsp_correct, nsp_count = _weighted_ce(model.nsp_logits(h_BLD), batch["nsp_label"],
-                                                   ones)
+    nsp_sum, nsp_correct, nsp_count, _ = cross_entropy(model.nsp_logits(h_BLD),
+                                                       batch["nsp_label"])
     loss = loss + nsp_sum / nsp_count
     metrics.update(nsp_loss=(nsp_sum, nsp_count), nsp_accuracy=(nsp_correct, nsp_count))
   metrics["loss"] = (loss, jnp.float32(1.0))
