@@ -41,7 +41,7 @@ def test_beam_of_one_is_greedy_for_a_ragged_batch():
 
 def test_wide_beam_is_exhaustive_search():
   vocab, steps, prompt = 7, 3, [3, 1, 4, 1]
-  model = _model(vocab, seed=6)  # a model where greedy's continuation is not the best
+  model = _model(vocab, seed=0)  # a model where greedy's continuation is not the best
   # every continuation's log-probability by full forward passes
   continuations = np.array(list(itertools.product(range(vocab), repeat=steps)), np.int32)
   tokens = np.concatenate([np.tile(prompt, (len(continuations), 1)), continuations], axis=1)
@@ -71,9 +71,9 @@ def test_wide_beam_is_exhaustive_search():
 
 def test_eos_ends_hypotheses_and_rows_search_as_alone():
   vocab, steps = 7, 6
-  model = _model(vocab, seed=6)
+  model = _model(vocab, seed=5)
   prompts = [[1, 2, 3, 4, 5], [6, 2]]
-  eos = 6  # chosen so each row's best hypothesis ends in EOS after one real token
+  eos = 1  # chosen so each row's best hypothesis ends in EOS after one or two real tokens
   batched = beam_search_all(model, prompts, steps, beam_size=3, alpha=0.6, eos_id=eos)
   for prompt, hypotheses in zip(prompts, batched):
     alone, = beam_search_all(model, [prompt], steps, beam_size=3, alpha=0.6, eos_id=eos)

@@ -71,25 +71,11 @@ class WordPieceVocabulary(seqio.Vocabulary):
   def tokens(self) -> list[str]:
     return self._tokens
 
-  @property
-  def pad_id(self) -> int:
-    return self._id("[PAD]")
-
-  @property
-  def unk_id(self) -> int:
-    return self._id("[UNK]")
-
-  @property
-  def cls_id(self) -> int:
-    return self._id("[CLS]")
-
-  @property
-  def sep_id(self) -> int:
-    return self._id("[SEP]")
-
-  @property
-  def mask_id(self) -> int:
-    return self._id("[MASK]")
+  pad_id = property(lambda self: self._id("[PAD]"))
+  unk_id = property(lambda self: self._id("[UNK]"))
+  cls_id = property(lambda self: self._id("[CLS]"))
+  sep_id = property(lambda self: self._id("[SEP]"))
+  mask_id = property(lambda self: self._id("[MASK]"))
 
   @property
   def eos_id(self) -> None:

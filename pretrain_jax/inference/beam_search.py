@@ -67,10 +67,8 @@ def _take_rows(cache, rows_N):
                                              "eos_id"))
 def _beam_search(graphdef, state, prompt_BP, valid_BP, alpha, *, max_new_tokens: int,
                  beam_size: int, eos_id: int | None):
-  model = nnx.merge(graphdef, state)
-  batch, width = prompt_BP.shape
-  K = beam_size
-  last_logits_BV, cache = prefill(model, prompt_BP, valid_BP, width + max_new_tokens)
+  model, last_logits_BV, cache = prefill(graphdef, state, prompt_BP, valid_BP, max_new_tokens)
+  batch, K = prompt_BP.shape[0], beam_size
   vocab = last_logits_BV.shape[-1]
   log_probs_BKV = jnp.repeat(
       jax.nn.log_softmax(last_logits_BV.astype(jnp.float32), axis=-1)[:, None], K, axis=1)

@@ -38,22 +38,23 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
   return tokens, valid
 
 
-def prefill(model, prompt_BP, valid_BP, slots: int):
-  """Runs the left-padded prompts through a fresh cache: (last position's logits [B, V],
-  cache). Positions count real tokens only, so padding shifts nothing."""
-  cache = model.init_cache(prompt_BP.shape[0], slots)
+def prefill(graphdef, state, prompt_BP, valid_BP, max_new_tokens: int):
+  """The model, and the left-padded prompts run through a fresh cache with room for
+  `max_new_tokens` more: (model, last position's logits [B, V], cache). Positions count real
+  tokens only, so padding shifts nothing."""
+  model = nnx.merge(graphdef, state)
+  cache = model.init_cache(prompt_BP.shape[0], prompt_BP.shape[1] + max_new_tokens)
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
   logits_B1V, cache = model.decode(prompt_BP, positions_BP, valid_BP, cache, last_only=True)
-  return logits_B1V[:, -1], cache
+  return model, logits_B1V[:, -1], cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
                                              "eos_id"))
 def _generate(graphdef, state, prompt_BP, valid_BP, key, *, max_new_tokens: int,
               sampling: Sampling, eos_id: int | None):
-  model = nnx.merge(graphdef, state)
-  batch, width = prompt_BP.shape
-  last_logits_BV, cache = prefill(model, prompt_BP, valid_BP, width + max_new_tokens)
+  model, last_logits_BV, cache = prefill(graphdef, state, prompt_BP, valid_BP, max_new_tokens)
+  batch = prompt_BP.shape[0]
   ones_B1 = jnp.ones((batch, 1), bool)
 
   def step(carry):

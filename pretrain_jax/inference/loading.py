@@ -1,17 +1,16 @@
 """A trained model back from its model_dir: the gin config it was trained with, its latest
-parameters (no optimizer state) on the configured mesh, and its task's vocabulary."""
+parameters and model state (no optimizer, none even built) on the configured mesh, and its
+task's vocabulary."""
 
 from __future__ import annotations
 
 import os
 
-import jax
 import seqio
-from flax import nnx
 
 from pretrain_jax import config
 from pretrain_jax.errors import UserError
-from pretrain_jax.training import checkpoints, trainer
+from pretrain_jax.training import checkpoints, partitioning, train_state
 
 
 def load(model_dir: str):
@@ -21,23 +20,24 @@ def load(model_dir: str):
     raise UserError("no train.model in the gin config: pass --gin_file, or a --model_dir that "
                     "holds the config.gin its training run wrote")
   model_dir = os.path.abspath(model_dir) if "://" not in model_dir else model_dir
-  setup = trainer.Setup(factory, loss_fn=None, num_steps=1, seed=config.bound("train.seed", 0))
+  mesh, rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
+  model = train_state.AbstractModel.build(factory, config.bound("train.seed", 0))
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), read_only=True)
   try:
     step = ckpt.latest_step()
     if step is None:
       raise UserError(f"no checkpoint in {model_dir}/checkpoints: train first")
-    abstract = setup.abstract_with_shardings().params
-    with setup.context():
-      restored, missing = ckpt.restore_params(abstract)
+    with partitioning.context(mesh, rules):
+      restored, missing = ckpt.restore_by_path(model.with_shardings(mesh, rules),
+                                               context=f"loading {model_dir}")
   finally:
     ckpt.close()
   if missing:
     raise UserError(f"the checkpoint in {model_dir} lacks {len(missing)} of this model's "
-                    f"parameters (first: {missing[0]}); the gin config does not match it")
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-  params = treedef.unflatten([restored["params/" + checkpoints.path_str(p)] for p, _ in leaves])
-  return nnx.merge(setup.graphdef, params), task_vocabulary(), step
+                    f"arrays (first: {missing[0]}); the gin config does not match it")
+  module = train_state.merge(model.graphdef, restored["params"],
+                             train_state.zeros_like(model.aux), restored["model_state"])
+  return module, task_vocabulary(), step
 
 
 def task_vocabulary():

@@ -287,33 +287,36 @@ def iid_noise(dataset, sequence_length, output_features, noise_density: float = 
   return fn(dataset)
 
 
+def _map_with_seed(dataset, fn):
+  """{"targets": tokens} → {"inputs", "targets"} = fn(tokens int32, this example's int64 seed)."""
+
+  @seqio.map_over_dataset(num_seeds=1)
+  def apply(ex, seed):
+    inputs, targets = fn(tf.cast(ex["targets"], tf.int32),
+                         tf.cast(tf.convert_to_tensor(seed), tf.int64))
+    return {**ex, "inputs": inputs, "targets": targets}
+
+  return apply(dataset)
+
+
 @gin.configurable
 def prefix_lm(dataset, sequence_length, output_features):
   """Prefix LM: inputs = a prefix of uniform length in [1, L-1], targets = the rest."""
   del sequence_length, output_features
 
-  @seqio.map_over_dataset(num_seeds=1)
-  def fn(ex, seed):
-    tokens_L = tf.cast(ex["targets"], tf.int32)
-    length_ = tf.size(tokens_L)
-    split = tf.random.stateless_uniform([], tf.cast(tf.convert_to_tensor(seed), tf.int64),
-                                        minval=1, maxval=tf.maximum(length_, 2), dtype=tf.int32)
-    split = tf.where(length_ >= 2, split, length_)  # L < 2: inputs = the tokens, no targets
-    return {**ex, "inputs": tokens_L[:split], "targets": tokens_L[split:]}
+  def split_at_random(tokens_L, seed):
+    length = tf.size(tokens_L)
+    split = tf.random.stateless_uniform([], seed, minval=1, maxval=tf.maximum(length, 2),
+                                        dtype=tf.int32)
+    split = tf.where(length >= 2, split, length)  # L < 2: inputs = the tokens, no targets
+    return tokens_L[:split], tokens_L[split:]
 
-  return fn(dataset)
+  return _map_with_seed(dataset, split_at_random)
 
 
 @gin.configurable
 def deshuffle(dataset, sequence_length, output_features):
   """Deshuffling: inputs = the tokens in a uniform random order, targets = the tokens."""
   del sequence_length, output_features
-
-  @seqio.map_over_dataset(num_seeds=1)
-  def fn(ex, seed):
-    tokens_L = tf.cast(ex["targets"], tf.int32)
-    shuffled_L = tf.random.experimental.stateless_shuffle(
-        tokens_L, tf.cast(tf.convert_to_tensor(seed), tf.int64))
-    return {**ex, "inputs": shuffled_L, "targets": tokens_L}
-
-  return fn(dataset)
+  return _map_with_seed(dataset, lambda tokens_L, seed: (
+      tf.random.experimental.stateless_shuffle(tokens_L, seed), tokens_L))
