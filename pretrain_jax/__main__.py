@@ -1,7 +1,7 @@
 """Command line: python -m pretrain_jax VERB --gin_file=F [--gin.NAME=VALUE ...] [flags].
 
-Verbs: train, eval, show-data, generate, icl. Bad input ends in one line on stderr and exit
-status 2. eval, generate and icl read MODEL_DIR/config.gin when no --gin_file is given.
+Verbs: train, eval, show-data, generate, icl, info. Bad input ends in one line on stderr and
+exit status 2. eval, generate and icl read MODEL_DIR/config.gin when no --gin_file is given.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow only feeds data here
 
-VERBS = ("train", "eval", "show-data", "generate", "icl")
+VERBS = ("train", "eval", "show-data", "generate", "icl", "info")
 
 
 def _parse(argv):
@@ -29,7 +29,8 @@ def _parse(argv):
                       help="show-data: examples to print (3); icl: examples to evaluate (all)")
   parser.add_argument("--sequence_length", type=int, default=None,
                       help="show-data: length (default: train.sequence_length or 128)")
-  parser.add_argument("--json", action="store_true", help="show-data: one JSON object a line")
+  parser.add_argument("--json", action="store_true",
+                      help="show-data: one JSON object a line; info: one JSON object")
   parser.add_argument("--list", action="store_true", help="show-data: list tasks and mixtures")
   parser.add_argument("--no_progress", action="store_true", help="train: no progress bar")
   gen = parser.add_argument_group("generate")
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     if args.multi_host or args.coordinator_address:
       import jax
       jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    from pretrain_jax import registry  # noqa: F401  (gin configurables and tasks, before parsing)
     from pretrain_jax.config import configure
     gin_files = args.gin_file
     if not gin_files and args.verb in ("eval", "generate", "icl") and args.model_dir:
@@ -105,6 +107,9 @@ def main(argv=None) -> int:
         raise UserError("eval needs --model_dir (a directory holding checkpoints)")
       import json
       print(json.dumps(trainer.evaluate_checkpoint(args.model_dir, args.split or "validation")))
+    elif args.verb == "info":
+      from pretrain_jax.training import info
+      info.main(as_json=args.json)
     elif args.verb == "show-data":
       from pretrain_jax.data import show
       show.main(task=args.task, split=args.split or "train",

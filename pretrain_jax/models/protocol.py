@@ -15,7 +15,12 @@ import jax
 
 @runtime_checkable
 class Model(Protocol):
-  """Any trainable network: a frozen config dataclass and its FLOPs accounting."""
+  """Any trainable network: a frozen config dataclass and its FLOPs accounting.
+
+  Optional, not part of the protocol: `activated_params() -> int`, the parameters one token
+  passes through, for models that activate fewer than they hold (mixtures of experts); the
+  `info` verb (training/info.py) reports the total for models without it.
+  """
   cfg: Any
 
   def train_flops_per_token(self, seq_len: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -50,14 +51,25 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def restore(self, abstract_state):
-    """Restores the latest checkpoint onto the shardings in `abstract_state`, or None."""
+    """Restores the latest checkpoint onto the shardings in `abstract_state` (a dataclass such
+    as TrainState), or None. A field the checkpoint lacks and that holds no array (an empty
+    `model_state`, in checkpoints written before it existed) keeps its abstract value."""
     step = self.manager.latest_step()
     if step is None:
       return None
     self._check_compatible(step, abstract_state)
+    saved = self.manager.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    absent = {k: v for k, v in fields.items() if k not in saved and not jax.tree.leaves(v)}
+    target = ({k: v for k, v in fields.items() if k not in absent} if absent else
+              abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored["state"], restored["data"]
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    state = restored["state"]
+    if absent:
+      state = dataclasses.replace(abstract_state, **state, **absent)
+    return state, restored["data"]
 
   def _check_compatible(self, step: int, abstract_state) -> None:
     saved = _shapes_by_path(self.manager.item_metadata(step)["state"])
@@ -71,20 +83,22 @@ class Checkpointer:
             f"'{path}' is {have} there but {want} in this model; use a fresh --model_dir or "
             "the gin config it was trained with")
 
-  def restore_params(self, abstract_params):
-    """Initial weights from another run (finetuning): every parameter of `abstract_params`
-    whose path exists in this directory's latest checkpoint is read onto its sharding.
+  def restore_by_path(self, abstract: dict, fallback=None, context: str = "train.init_from"):
+    """Every leaf of `abstract` (a dict of trees, ShapeDtypeStructs with shardings: {'params':
+    ..., 'model_state': ...}) whose path exists in this directory's latest checkpoint, read onto
+    its sharding (orbax partial restore: the optimizer state is never read).
 
-    Returns (the restored arrays by path, the model's paths the checkpoint lacks). A path
-    present in both with different shapes is an error.
+    Returns (a tree like `abstract` holding the restored arrays and, where the checkpoint lacks
+    a path, `fallback`'s leaf (None without one); the sorted paths it lacks). A path present in
+    both with different shapes is an error. `context` opens the error messages.
     """
     step = self.manager.latest_step()
     if step is None:
-      raise UserError(f"train.init_from: no checkpoint in {self.directory}")
+      raise UserError(f"{context}: no checkpoint in {self.directory}")
     on_disk = self.manager.item_metadata(step)["state"]
     on_disk = getattr(on_disk, "tree", on_disk)
-    wanted = {("params/" + path_str(path)): x for path, x in
-              jax.tree_util.tree_leaves_with_path(abstract_params)}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    wanted = {path_str(path): x for path, x in leaves}
     found = {}
 
     def select(tree, prefix):
@@ -95,24 +109,27 @@ class Checkpointer:
       if path not in wanted:
         return None
       if tuple(tree.shape) != tuple(wanted[path].shape):
-        raise UserError(f"train.init_from: '{path}' is {tuple(tree.shape)} in {self.directory} "
+        raise UserError(f"{context}: '{path}' is {tuple(tree.shape)} in {self.directory} "
                         f"but {tuple(wanted[path].shape)} in this model; the two architectures "
                         "differ")
       found[prefix] = path
       return wanted[path]
 
-    subset = select({"params": on_disk["params"]}, "")
+    subset = select({k: on_disk[k] for k in abstract if k in on_disk}, "")
     if subset is None:
-      raise UserError(f"train.init_from: the checkpoint in {self.directory} shares no parameter "
+      raise UserError(f"{context}: the checkpoint in {self.directory} shares no parameter "
                       "with this model")
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), subset)
     restored = ocp.PyTreeCheckpointer().restore(
         self.manager.directory / str(step) / "state",
         args=ocp.args.PyTreeRestore(subset, restore_args=restore_args, partial_restore=True))
-    by_path = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(restored):
-      by_path[found["/".join(str(getattr(k, "key", k)) for k in path)]] = x
-    return by_path, sorted(set(wanted) - set(by_path))
+    by_path = {found["/".join(str(getattr(k, "key", k)) for k in path)]: x
+               for path, x in jax.tree_util.tree_leaves_with_path(restored)}
+    defaults = ([None] * len(leaves) if fallback is None else
+                treedef.flatten_up_to(fallback))
+    tree = treedef.unflatten([by_path.get(path_str(path), default)
+                              for (path, _), default in zip(leaves, defaults)])
+    return tree, sorted(set(wanted) - set(by_path))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

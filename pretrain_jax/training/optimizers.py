@@ -1,11 +1,15 @@
 """Optimizers and schedules by gin: BERT's AdamW, LAMB, GPT-3's cosine, T5's Adafactor."""
 
+import re
+from collections.abc import Sequence
+
 import gin
 import jax
 import jax.numpy as jnp
 import optax
 
 from pretrain_jax.errors import UserError
+from pretrain_jax.training import checkpoints
 
 
 @gin.configurable
@@ -37,9 +41,17 @@ def rsqrt_decay(num_steps: int, learning_rate: float = 0.01,
   return lambda step: learning_rate * jnp.sqrt(warmup_steps / jnp.maximum(step, warmup_steps))
 
 
-def decay_mask(params):
-  """Weight decay on matrices only: BERT excludes LayerNorm parameters and biases (all 1-D)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+@gin.configurable
+def decay_mask(params, exclude: Sequence[str] = (r"bias$", r"norm/"),
+               decay_embeddings: bool = True):
+  """True where weight decay applies, by '/'-joined parameter path (re.search), not by rank: a
+  scanned stack's biases are 2-D, and so are attention's per-head q/k/v biases. BERT excludes
+  biases (`bias$` also catches `mlm_bias`) and LayerNorm parameters (every norm's path holds
+  `norm/`); embedding tables (`embedding$`) are decayed unless `decay_embeddings=False`."""
+  patterns = tuple(exclude) + (() if decay_embeddings else (r"embedding$",))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(re.search(p, checkpoints.path_str(path)) for p in patterns),
+      params)
 
 
 @gin.configurable

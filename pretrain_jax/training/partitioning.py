@@ -8,6 +8,7 @@ one model runs on one CPU, on 8 fake devices, or on a pod by changing only the r
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -48,15 +49,19 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-@gin.configurable
+@gin.configurable(denylist=["devices"])
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
-              num_devices: int | None = None) -> Mesh:
-  """A mesh with axes (data, fsdp, tensor, expert) over all devices (or the first
-  `num_devices`); one size may be -1, meaning the rest."""
-  devices = jax.devices()
+              num_devices: int | None = None, devices: Sequence | None = None) -> Mesh:
+  """A mesh with axes (data, fsdp, tensor, expert) over `devices` (default jax.devices(); any
+  list, e.g. a TPU topology's devices for ahead-of-time compilation) or their first
+  `num_devices`; one size may be -1, meaning the rest. A whole device list is laid out by its
+  physical topology (jax.make_mesh), a prefix in the given order."""
+  devices = list(jax.devices() if devices is None else devices)
+  whole = True
   if num_devices is not None:
     if not 0 < num_devices <= len(devices):
       raise UserError(f"make_mesh.num_devices={num_devices}, but {len(devices)} devices exist")
+    whole = num_devices == len(devices)
     devices = devices[:num_devices]
   sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
   free = [name for name, size in sizes.items() if size == -1]
@@ -74,10 +79,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
                     f"{len(devices)} devices: make the product {len(devices)} (or set one "
                     "axis to -1)")
   shape = tuple(sizes[a] for a in MESH_AXES)
-  if len(devices) == jax.device_count():
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if whole:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 @gin.configurable
@@ -86,6 +91,13 @@ def logical_axis_rules(rules=DEFAULT_RULES, overrides=()) -> dict:
   table = dict(rules)
   table.update(dict(overrides))
   return table
+
+
+@contextlib.contextmanager
+def context(mesh: Mesh, rules: dict):
+  """The mesh and the activation rules, active while tracing or placing arrays."""
+  with jax.set_mesh(mesh), activation_rules(rules):
+    yield
 
 
 def tree_shardings(abstract_tree, mesh: Mesh, rules: dict):

@@ -2,14 +2,14 @@
 
 The trainer knows neither the family nor the objective: gin hands it a model factory, a loss
 `loss_fn(model, batch, rngs) -> (loss, {name: (numerator, denominator)})`, a SeqIO task and its
-feature converter. State is a plain pytree {step, params, opt_state} whose every leaf is
-sharded by the logical axes its parameter was declared with.
+feature converter. State is a plain pytree `TrainState(step, params, opt_state, model_state)`
+(train_state.py) whose every leaf is sharded by the logical axes its Variable was declared with.
+The optimizer sees only the parameters the freeze filter leaves trainable; the model's AuxLoss
+terms join the loss after the forward pass.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,22 +26,20 @@ from tqdm import tqdm
 from pretrain_jax import config
 from pretrain_jax.data import pipeline
 from pretrain_jax.errors import UserError
+from pretrain_jax.models import protocol
 from pretrain_jax.training import checkpoints, metrics as metrics_lib, optimizers, partitioning
+from pretrain_jax.training import train_state
+from pretrain_jax.training.train_state import TrainState
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class TrainState:
-  step: jax.Array
-  params: nnx.State
-  opt_state: optax.OptState
-
-
-def _split_params(model: nnx.Module):
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError(f"model holds non-parameter state the trainer would drop: {rest}")
-  return graphdef, params
+def _init_fn(model_factory: Callable[[int], nnx.Module], seed: int, tx,
+            freeze: train_state.FreezeFilter) -> Callable[[], TrainState]:
+  """The state a run starts from: moments only for the trainable parameters."""
+  def init() -> TrainState:
+    _, params, _, model_state = train_state.split(model_factory(seed))
+    trainable, _ = freeze.partition(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(trainable), model_state)
+  return init
 
 
 class Setup:
@@ -53,15 +51,14 @@ class Setup:
     self.rules = partitioning.logical_axis_rules()
     self.loss_fn, self.num_microbatches = loss_fn, num_microbatches
     self.tx, self.schedule = optimizers.make_optimizer(num_steps)
-    abstract_model = nnx.eval_shape(lambda: model_factory(seed))
-    self.graphdef, _ = _split_params(abstract_model)
-    self.flops_per_token = getattr(abstract_model, "train_flops_per_token", None)
-    self.model_config = getattr(abstract_model, "cfg", None)
-
-    def init() -> TrainState:
-      _, params = _split_params(model_factory(seed))
-      return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
-
+    self.model = train_state.AbstractModel.build(model_factory, seed)
+    self.graphdef = self.model.graphdef
+    self.freeze = train_state.trainable_params()
+    self.freeze.check(self.model.params)
+    is_model = isinstance(self.model.module, protocol.Model)
+    self.flops_per_token = self.model.module.train_flops_per_token if is_model else None
+    self.model_config = self.model.module.cfg if is_model else None
+    init = _init_fn(model_factory, seed, self.tx, self.freeze)
     self.abstract_state = jax.eval_shape(init)
     self.shardings = partitioning.tree_shardings(self.abstract_state, self.mesh, self.rules)
     self._init = jax.jit(init, out_shardings=self.shardings)
@@ -70,11 +67,9 @@ class Setup:
                          donate_argnums=0)
     self._eval = jax.jit(self._eval_step)
 
-  @contextlib.contextmanager
   def context(self):
     """Mesh and activation rules active while tracing."""
-    with jax.set_mesh(self.mesh), partitioning.activation_rules(self.rules):
-      yield
+    return partitioning.context(self.mesh, self.rules)
 
   def init_state(self) -> TrainState:
     with self.context():
@@ -87,49 +82,72 @@ class Setup:
   def batch_to_device(self, batch):
     return pipeline.to_global(batch, lambda ndim: partitioning.batch_sharding(self.mesh, ndim))
 
-  def _loss(self, params, batch, key):
-    model = nnx.merge(self.graphdef, params)
-    return self.loss_fn(model, batch, rngs=nnx.Rngs(dropout=key))
+  def _forward(self, params, model_state, batch, rngs):
+    """(loss + the model's AuxLoss terms, (metrics, the model state after the forward))."""
+    model = train_state.merge(self.graphdef, params, train_state.zeros_like(self.model.aux),
+                              model_state)
+    loss, metrics = self.loss_fn(model, batch, rngs=rngs)
+    aux_loss, aux_metrics = train_state.aux_terms(model)
+    if aux_loss is not None:
+      loss = loss + aux_loss
+      if "loss" in metrics:  # the logged loss stays the optimised one, with its own weighting
+        num, den = metrics["loss"]
+        metrics = {**metrics, "loss": (num + aux_loss * den, den)}
+    new_state = jax.lax.stop_gradient(nnx.state(model, train_state.MODEL_STATE))
+    return loss, ({**metrics, **aux_metrics}, new_state)
+
+  def _loss(self, trainable, frozen, model_state, batch, key):
+    return self._forward(nnx.merge_state(trainable, frozen), model_state, batch,
+                         nnx.Rngs(dropout=key))
 
   def _train_step(self, state: TrainState, batch):
     key = jax.random.fold_in(self.dropout_key, state.step)
+    trainable, frozen = self.freeze.partition(state.params)
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     if self.num_microbatches == 1:
-      (_, metrics), grads = grad_fn(state.params, batch, key)
-    else:
+      (_, (metrics, model_state)), grads = grad_fn(trainable, frozen, state.model_state, batch,
+                                                   key)
+    else:  # microbatches run in order: each sees the model state the previous one left
       micro = jax.tree.map(
           lambda x: x.reshape(self.num_microbatches, -1, *x.shape[1:]), batch)
 
       def accumulate(carry, inputs):
         i, mb = inputs
-        (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
-        return jax.tree.map(jnp.add, carry, (g, m)), None
+        grads, metrics, model_state = carry
+        (_, (m, model_state)), g = grad_fn(trainable, frozen, model_state, mb,
+                                           jax.random.fold_in(key, i))
+        return (*jax.tree.map(jnp.add, (grads, metrics), (g, m)), model_state), None
 
-      metric_shapes = jax.eval_shape(self._loss, state.params,
-                                     jax.tree.map(lambda x: x[0], micro), key)[1]
-      zeros = (jax.tree.map(jnp.zeros_like, state.params),
-               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-      (grads, metrics), _ = jax.lax.scan(
+      metric_shapes = jax.eval_shape(self._loss, trainable, frozen, state.model_state,
+                                     jax.tree.map(lambda x: x[0], micro), key)[1][0]
+      zeros = (jax.tree.map(jnp.zeros_like, trainable),
+               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
+               state.model_state)
+      (grads, metrics, model_state), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(self.num_microbatches), micro))
       grads = jax.tree.map(lambda g: g / self.num_microbatches, grads)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
+    params = nnx.merge_state(optax.apply_updates(trainable, updates), frozen)
     metrics = {**metrics, "grad_norm": (optax.tree.norm(grads), jnp.float32(1.0)),
                "learning_rate": (jnp.asarray(self.schedule(state.step), jnp.float32),
                                  jnp.float32(1.0))}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return TrainState(state.step + 1, params, opt_state, model_state), metrics
 
-  def _eval_step(self, params, batch):
-    return self.loss_fn(nnx.merge(self.graphdef, params), batch, rngs=None)[1]
+  def _eval_step(self, params, model_state, batch):
+    """Metrics only: an eval forward pass leaves the model state as it was."""
+    return self._forward(params, model_state, batch, rngs=None)[1][0]
 
   def all_finite(self, state: TrainState) -> bool:
-    """Checked before every save, so no checkpoint ever holds NaN or inf parameters."""
-    return bool(self._all_finite(state.params))
+    """Checked before every save, so no checkpoint ever holds NaN or inf parameters (or
+    model state)."""
+    return bool(self._all_finite((state.params, state.model_state)))
 
   @staticmethod
   @jax.jit
-  def _all_finite(params):
-    return jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+  def _all_finite(tree):
+    checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]  # counters and keys cannot be NaN
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
   def train_step(self, state, batch):
     with self.context():
@@ -137,8 +155,8 @@ class Setup:
 
   def evaluate(self, state, batches) -> dict[str, float]:
     with self.context():
-      return metrics_lib.reduce([self._eval(state.params, self.batch_to_device(b))
-                                 for b in batches])
+      return metrics_lib.reduce([self._eval(state.params, state.model_state,
+                                            self.batch_to_device(b)) for b in batches])
 
 
 def _all_hosts_positions(position: dict) -> dict:
@@ -169,7 +187,7 @@ def _absolute(path: str) -> str:
 def _check_vocabulary(task: str, setup: Setup) -> None:
   """Ids past the embedding table would be clamped silently by the gather: refuse them."""
   import seqio  # pylint: disable=import-outside-toplevel
-  model_vocab = getattr(getattr(setup, "model_config", None), "vocab_size", None)
+  model_vocab = getattr(setup.model_config, "vocab_size", None)
   if model_vocab is None or task not in seqio.TaskRegistry.names():
     return
   for name, feature in seqio.get_mixture_or_task(task).output_features.items():
@@ -181,18 +199,21 @@ def _check_vocabulary(task: str, setup: Setup) -> None:
 
 
 def _initialise_from(setup: Setup, state: TrainState, init_from: str) -> TrainState:
+  """Parameters and model state from another run where their paths exist there; the fresh
+  initialisation elsewhere. The optimizer state starts fresh."""
   source = checkpoints.Checkpointer(os.path.join(_absolute(init_from), "checkpoints"),
                                     read_only=True)
+  abstract = setup.abstract_with_shardings()
   try:
-    restored, new = source.restore_params(setup.abstract_with_shardings().params)
+    restored, new = source.restore_by_path(
+        {"params": abstract.params, "model_state": abstract.model_state},
+        fallback={"params": state.params, "model_state": state.model_state})
   finally:
     source.close()
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(state.params)
-  params = treedef.unflatten([restored.get("params/" + checkpoints.path_str(path), x)
-                              for path, x in leaves])
-  print(f"Initialised {len(restored)} parameter arrays from {init_from}; newly initialised: "
-        f"{', '.join(p[len('params/'):] for p in new) or 'none'}")
-  return TrainState(state.step, params, state.opt_state)
+  count = len(jax.tree.leaves(restored)) - len(new)
+  print(f"Initialised {count} arrays from {init_from}; newly initialised: "
+        f"{', '.join(p.removeprefix('params/') for p in new) or 'none'}")
+  return TrainState(state.step, restored["params"], state.opt_state, restored["model_state"])
 
 
 def _stages(sequence_length: int | None, num_steps: int | None,
@@ -239,6 +260,11 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
     raise UserError(f"batch size {batch_size} does not split over data x fsdp = "
                     f"{batch_shards} devices; make it a multiple of {batch_shards}")
   _check_vocabulary(task, setup)
+  trainable, frozen = setup.freeze.partition(setup.model.params)
+  if jax.tree.leaves(frozen):
+    print(f"Training {train_state.num_elements(trainable):,} of "
+          f"{train_state.num_elements(setup.model.params):,} parameters (trainable_params: "
+          f"trainable={list(setup.freeze.trainable)}, frozen={list(setup.freeze.frozen)})")
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep_checkpoints)
   restored = ckpt.restore(setup.abstract_with_shardings())
   if restored:

@@ -1,0 +1,89 @@
+"""The `info` verb: what a gin config would train, from shapes alone (nnx.eval_shape; no weight
+is materialised, so a 100B-parameter config answers on a laptop)."""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+
+from pretrain_jax import config
+from pretrain_jax.errors import UserError
+from pretrain_jax.models import protocol
+from pretrain_jax.training import optimizers, train_state
+
+
+@runtime_checkable
+class _Sparse(Protocol):
+  """A model that activates fewer parameters per token than it holds (mixture of experts)."""
+
+  def activated_params(self) -> int: ...
+
+
+def _sequence_length() -> int | None:
+  stages = config.bound("train.stages")
+  return config.bound("train.sequence_length") or (
+      max(int(length) for _, length in stages) if stages else None)
+
+
+def model_info() -> dict:
+  """Counts for the gin config already parsed (config.configure); see `main` for the keys."""
+  factory = config.bound("train.model")
+  if factory is None:
+    raise UserError("info: no train.model in the gin config; pass --gin_file=models/NAME.gin")
+  model = train_state.AbstractModel.build(factory, config.bound("train.seed", 0))
+  freeze = train_state.trainable_params()
+  freeze.check(model.params)
+  trainable, _ = freeze.partition(model.params)
+  tx, _ = optimizers.make_optimizer(config.bound("train.num_steps") or 1)
+  state = train_state.TrainState(jax.ShapeDtypeStruct((), jnp.int32), model.params,
+                                 jax.eval_shape(tx.init, trainable), model.model_state)
+  total = train_state.num_elements(model.params)
+  length = _sequence_length()
+  is_model = isinstance(model.module, protocol.Model)
+  return {
+      "model": type(model.module).__name__,
+      "total_params": total,
+      "trainable_params": train_state.num_elements(trainable),
+      "activated_params": (int(model.module.activated_params())
+                           if isinstance(model.module, _Sparse) else total),
+      "model_state_params": train_state.num_elements(model.model_state),
+      "sequence_length": length,
+      "flops_per_token": (float(model.module.train_flops_per_token(length))
+                          if is_model and length else None),
+      "params_bytes": train_state.num_bytes(model.params),
+      "optimizer_bytes": train_state.num_bytes(state.opt_state),
+      "state_bytes": train_state.num_bytes(state),
+  }
+
+
+def table(info: dict) -> str:
+  """A small aligned table for people: counts right-aligned, with thousands separators."""
+  n = lambda x: "-" if x is None else f"{x:,.0f}"
+  gib = lambda b: f"bytes  {b / 2**30:,.2f} GiB"
+  flops = info["flops_per_token"]
+  rows = [("total parameters", n(info["total_params"]), ""),
+          ("trainable parameters", n(info["trainable_params"]), ""),
+          ("activated per token", n(info["activated_params"]), ""),
+          ("non-gradient state", n(info["model_state_params"]), ""),
+          ("train FLOPs per token", n(flops),
+           f"at L = {info['sequence_length']}" if flops else "(set train.sequence_length)"),
+          ("parameters", n(info["params_bytes"]), gib(info["params_bytes"])),
+          ("optimizer state", n(info["optimizer_bytes"]), gib(info["optimizer_bytes"])),
+          ("train state", n(info["state_bytes"]), gib(info["state_bytes"]))]
+  label_w = max(len(r[0]) for r in rows)
+  value_w = max(len(r[1]) for r in rows)
+  lines = [f"{info['model']}"]
+  lines += [f"  {a:<{label_w}}  {b:>{value_w}}  {c}".rstrip() for a, b, c in rows]
+  return "\n".join(lines)
+
+
+def main(as_json: bool = False) -> None:
+  """Prints `model_info()`: JSON keys total_params, trainable_params (after the freeze filter),
+  activated_params (per token; = total for dense models), model_state_params (non-gradient
+  state), flops_per_token (train FLOPs at train.sequence_length, the model's own count),
+  params_bytes, optimizer_bytes and state_bytes (params + optimizer state + model state)."""
+  info = model_info()
+  print(json.dumps(info) if as_json else table(info))
