@@ -62,11 +62,13 @@ def test_parameters_and_optimizer_state_are_sharded():
   assert embedding.shape == (8064, 128)
   assert embedding.sharding.spec == jax.P("tensor", "fsdp")
   assert {s.data.shape for s in embedding.addressable_shards} == {(4032, 64)}
-  query = params["encoder"]["layers"][0]["attention"]["query"]["kernel"][...]
-  assert query.shape == (128, 2, 64) and query.sharding.spec == jax.P("fsdp", "tensor", None)
-  assert {s.data.shape for s in query.addressable_shards} == {(64, 1, 64)}
-  wi = params["encoder"]["layers"][0]["mlp"]["wi"]["kernel"][...]
-  assert {s.data.shape for s in wi.addressable_shards} == {(64, 256)}
+  # a scanned stack: [layers, ...], the layers axis replicated
+  query = params["encoder"]["layers"]["block"]["attention"]["query"]["kernel"][...]
+  assert query.shape == (2, 128, 2, 64)
+  assert query.sharding.spec == jax.P(None, "fsdp", "tensor", None)
+  assert {s.data.shape for s in query.addressable_shards} == {(2, 64, 1, 64)}
+  wi = params["encoder"]["layers"]["block"]["mlp"]["wi"]["kernel"][...]
+  assert {s.data.shape for s in wi.addressable_shards} == {(2, 64, 256)}
   # Adam's moments follow their parameters; the step counter is replicated.
   mu = state.opt_state[1][0].mu["encoder"]["token_embed"]["embedding"][...]
   assert mu.sharding.spec == embedding.sharding.spec
