@@ -151,8 +151,9 @@ def test_adafactor_state_is_factored_and_placed():
   kernel = state.params["decoder"]["layers"]["block"]["mlp"]["wi_gate"]["kernel"][...]
   assert kernel.shape == (2, 128, 256)  # [layers, embed, mlp]
   shapes = {x.shape for x in leaves}
-  assert (128,) in shapes and (256,) in shapes, "row and column statistics, not a full matrix"
-  assert (128, 256) not in shapes
+  # per layer of the stack: row and column statistics, not a full matrix
+  assert (2, 128) in shapes and (2, 256) in shapes, "row and column statistics"
+  assert (2, 128, 256) not in shapes
   assert sum(x.size for x in leaves) < 0.2 * sum(x.size for x in jax.tree.leaves(state.params))
   schedule = bound("make_optimizer.schedule")(10)
   np.testing.assert_allclose([float(schedule(s)) for s in (0, 5000, 10_000, 40_000)],
