@@ -45,6 +45,7 @@ import gin
 import jax
 from absl import logging as absl_logging
 
+from pretrain_jax import registry  # noqa: F401  (gin configurables and tasks)
 from pretrain_jax.config import bound, configure
 from pretrain_jax.data import pipeline
 from pretrain_jax.training import trainer
