@@ -7,7 +7,7 @@ compilation, init, 2 train steps, one checkpoint at the last step) of
 themselves cost next to nothing), eval off (`train.eval_every=0`), a fresh temporary model_dir,
 `--no_progress`. Modes:
 
-  scan   this tree, `BertConfig.scan_layers=True` (the default: jax.lax.scan over the stack)
+  scan   this tree, `BertConfig.scan_layers=True`, `scan_unroll=1` (jax.lax.scan, one layer per iteration)
   loop   this tree, `BertConfig.scan_layers=False` (same stacked parameters, Python loop)
   old    --baseline TREE (another checkout, e.g. the previous commit), its own loop
 
@@ -77,8 +77,9 @@ def command(tree: str, layers: int, mode: str, model_dir: str, args) -> list[str
          f"--gin.train.sequence_length={args.seq_len}",
          f"--gin.train.num_steps={args.steps}", "--gin.train.eval_every=0",
          "--gin.train.checkpoint_every=1000", f"--model_dir={model_dir}", "--no_progress"]
-  if mode in ("scan", "loop"):
+  if mode in ("scan", "loop"):  # scan: one layer per iteration, whatever bert_mini.gin unrolls
     cmd.append(f"--gin.BertConfig.scan_layers={mode == 'scan'}")
+    cmd.append("--gin.BertConfig.scan_unroll=1")
   return cmd
 
 

@@ -3,7 +3,9 @@
 Run with the tree to measure first on PYTHONPATH; this script uses that tree's own
 `scripts/benchmark_train_step.py` (its `Bench`: real Setup, four in-memory batches, first step,
 warm-up). In a tree whose model configs have `scan_layers` it measures both
-`scan_layers=True` ("scan") and `False` ("loop"); in an older tree only its own loop ("old").
+`scan_layers=True` ("scan") and `False` ("loop") by default, or the --modes given ("unroll2",
+"unrolled": scanned with `scan_unroll=2` or `True`; "loop_xla_attention": the loop with
+`dot_product_attention.implementation='xla'`); in an older tree only its own loop ("old").
 Rounds are interleaved across every (model, mode). With --hlo it also compiles each train step
 once more to read `compiled.cost_analysis()` (flops, bytes accessed) and counts instructions of
 the optimized HLO (while loops, fusions, copies, dynamic-(update-)slices), writing the HLO text
@@ -35,6 +37,7 @@ sys.path.insert(0, os.path.join(TREE, "scripts"))
 import benchmark_train_step as bts  # noqa: E402  (the measured tree's own copy)
 
 import jax  # noqa: E402
+from pretrain_jax.errors import UserError  # noqa: E402
 from pretrain_jax.models import bert, gpt, t5  # noqa: E402
 
 CONFIGS = {"bert": bert.BertConfig, "gpt": gpt.GptConfig, "t5": t5.T5Config}
@@ -75,13 +78,23 @@ def has_scan(model: str) -> bool:
   return "scan_layers" in inspect.signature(CONFIGS[family(model)]).parameters
 
 
+MODES = {  # name: gin bindings, {cfg} = the family's config
+    "scan": ["{cfg}.scan_layers = True"],
+    "unroll2": ["{cfg}.scan_layers = True", "{cfg}.scan_unroll = 2"],
+    "unrolled": ["{cfg}.scan_layers = True", "{cfg}.scan_unroll = True"],
+    "loop": ["{cfg}.scan_layers = False"],
+    "loop_xla_attention": ["{cfg}.scan_layers = False",
+                           "dot_product_attention.implementation = 'xla'"],
+    "old": [],
+}
+
+
 def make_bench(model: str, mode: str, args):
   original = bts.configure_model
 
   def configure_model(m, dtype, seq_len):
     original(m, dtype, seq_len)
-    if mode != "old":
-      bts.configure([], [f"{CONFIGS[family(m)].__name__}.scan_layers = {mode == 'scan'}"])
+    bts.configure([], [b.format(cfg=CONFIGS[family(m)].__name__) for b in MODES[mode]])
 
   bts.configure_model = configure_model
   try:
@@ -127,6 +140,10 @@ def main():
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--modes", default="scan,loop",
+                 help=f"of {', '.join(m for m in MODES if m != 'old')} (in a tree without "
+                      "scan_layers only 'old' runs); loop_xla_attention only where the model has "
+                      "no attention dropout")
   p.add_argument("--hlo", action="store_true", help="cost analysis + optimized-HLO op counts")
   p.add_argument("--dump_dir", help="with --hlo: write each optimized HLO here")
   p.add_argument("--output")
@@ -134,8 +151,12 @@ def main():
   print(f"# tree {TREE}", file=sys.stderr, flush=True)
   benches = []
   for model in args.models.split(","):
-    for mode in (("scan", "loop") if has_scan(model) else ("old",)):
-      benches.append(make_bench(model, mode, args))
+    for mode in (args.modes.split(",") if has_scan(model) else ("old",)):
+      try:
+        benches.append(make_bench(model, mode, args))
+      except UserError as e:  # e.g. 'xla' attention with attention dropout
+        print(f"# skip {model} {mode}: {e}", file=sys.stderr, flush=True)
+        continue
       print(f"# set up {model} {mode}: first step {benches[-1].result['first_step_s']:.1f} s",
             file=sys.stderr, flush=True)
   for rep in range(args.repeats):
@@ -145,14 +166,14 @@ def main():
         f"{b.result['model']} {b.result['mode']} {b.result['step_s_repeats'][-1] * 1e3:.0f} ms "
         f"(CPU {b.result['cpu_step_s_repeats'][-1] * 1e3:.0f})" for b in benches),
         file=sys.stderr, flush=True)
-  ratios = {}  # same-process, same-round ratios: scan / loop step time
+  ratios = {}  # same-process, same-round ratios of step time: each mode / loop
   for b in benches:
     loop = next((c for c in benches if c.result["model"] == b.result["model"]
                  and c.result["mode"] == "loop"), None)
-    if b.result["mode"] == "scan" and loop:
-      for key in ("step_s_repeats", "cpu_step_s_repeats"):
-        ratios[f"{b.result['model']} scan/loop {key.split('_s_')[0].replace('_', ' ')}"] = (
-            statistics.median(s / l for s, l in zip(b.result[key], loop.result[key])))
+    if loop and b is not loop:
+      for key, what in (("step_s_repeats", "step time"), ("cpu_step_s_repeats", "CPU time")):
+        ratios[f"{b.result['model']} {b.result['mode']}/loop {what}"] = statistics.median(
+            s / l for s, l in zip(b.result[key], loop.result[key]))
   results = [b.finish() for b in benches]
   for r in results:
     r["cpu_step_s"] = statistics.median(r["cpu_step_s_repeats"])
@@ -166,7 +187,7 @@ def main():
           f"| {r['cpu_step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | {c.get('flops', 0) / 1e9:.2f} "
           f"| {c.get('bytes accessed', 0) / 1e9:.3f} | {r.get('hlo_instructions', '-')} | "
           + " | ".join(str(o.get(k, "-")) for k in HLO_OPS) + " |")
-  print("".join(f"\n{name} time, median of rounds: {value:.3f}" for name, value in ratios.items()))
+  print("".join(f"\n{name}, median of rounds: {value:.3f}" for name, value in ratios.items()))
   if args.output:
     with open(args.output, "w") as f:
       json.dump({"results": results, "ratios": ratios}, f, indent=2)

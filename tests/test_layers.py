@@ -90,11 +90,12 @@ def _bert(**kw):
                                  rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("scan,policy", [(True, "none"), (True, "nothing_saveable"),
-                                         (True, "dots_saveable"), (False, "nothing_saveable")])
-def test_scanned_stack_equals_the_loop_with_every_remat_policy(scan, policy):
-  """Same parameters, same dropout keys: the loss and every gradient agree with the unrolled,
-  un-rematerialised stack."""
+@pytest.mark.parametrize("scan,unroll,policy", [
+    (True, 1, "none"), (True, 1, "nothing_saveable"), (True, 1, "dots_saveable"),
+    (True, 2, "none"), (True, True, "nothing_saveable"), (False, 1, "nothing_saveable")])
+def test_scanned_stack_equals_the_loop_with_every_remat_policy(scan, unroll, policy):
+  """Same parameters, same dropout keys: the loss and every gradient agree with the Python
+  loop's, un-rematerialised, whatever the scan's unroll (2 of 3 layers: a remainder layer)."""
   ids = jnp.arange(16).reshape(2, 8) % 100
 
   def value_and_grads(model):
@@ -106,16 +107,19 @@ def test_scanned_stack_equals_the_loop_with_every_remat_policy(scan, policy):
     return jax.jit(jax.value_and_grad(loss))(params)
 
   reference = value_and_grads(_bert(scan_layers=False))
-  value, grads = value_and_grads(_bert(scan_layers=scan, remat_policy=policy))
+  value, grads = value_and_grads(_bert(scan_layers=scan, scan_unroll=unroll,
+                                       remat_policy=policy))
   np.testing.assert_allclose(value, reference[0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert policy in REMAT_POLICIES
 
 
-def test_unknown_remat_policy_is_refused():
+def test_unknown_remat_policy_and_bad_unroll_are_refused():
   with pytest.raises(UserError, match="BertConfig.remat_policy='dots'; valid: .*'dots_saveable'"):
     bert.BertConfig(remat_policy="dots")
+  with pytest.raises(UserError, match=r"BertConfig.scan_unroll=0; valid: an int >= 1 .* or True"):
+    bert.BertConfig(scan_unroll=0)
 
 
 def _recorded_matmuls(build, run):

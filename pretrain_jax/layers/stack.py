@@ -6,8 +6,12 @@
 Compile time stays flat in depth: the layer is traced once. `remat_policy` names one of
 `jax.checkpoint_policies` ('nothing_saveable' keeps only each layer's input for the backward
 pass, 'dots_saveable' also its matmul outputs, ...), or 'none' for no rematerialisation.
-`scan=False` runs the same stacked parameters in a Python loop (for debugging: prints and
-breakpoints inside a layer); checkpoints are the same either way.
+`unroll` layers run per scan iteration (`jax.lax.scan(..., unroll=)`): 1 keeps the compiled
+step's size flat in depth; True unrolls the whole stack into straight-line code, which runs
+~10 % faster on CPU at tiny sizes (no while-loop boundary between layers, no stacked residual
+buffers) at a compile cost that grows with depth. `scan=False` runs the same stacked parameters
+in a Python loop (for debugging: prints and breakpoints inside a layer); checkpoints are the
+same in all three.
 
 Stacks whose layers differ (DeepSeek's dense first layers, then MoE layers) are stacks of
 stacks: a model holds several `Stack`s and runs them in order.
@@ -28,9 +32,12 @@ REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_bat
                   "checkpoint_dots", "checkpoint_dots_with_no_batch_dims", "everything_saveable")
 
 
-def check_remat_policy(owner: str, policy: str) -> None:
-  if policy not in REMAT_POLICIES:
-    raise UserError(f"{owner}.remat_policy={policy!r}; valid: {REMAT_POLICIES}")
+def check_stack_options(owner: str, remat_policy: str, unroll: int | bool) -> None:
+  if remat_policy not in REMAT_POLICIES:
+    raise UserError(f"{owner}.remat_policy={remat_policy!r}; valid: {REMAT_POLICIES}")
+  if not (unroll is True or (type(unroll) is int and unroll >= 1)):
+    raise UserError(f"{owner}.scan_unroll={unroll!r}; valid: an int >= 1 (layers per scan "
+                    "iteration) or True (the whole stack unrolled)")
 
 
 class Stack(nnx.Module):
@@ -43,8 +50,9 @@ class Stack(nnx.Module):
   """
 
   def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *,
-               rngs: nnx.Rngs, scan: bool = True, remat_policy: str = "none"):
-    check_remat_policy("Stack", remat_policy)
+               rngs: nnx.Rngs, scan: bool = True, unroll: int | bool = 1,
+               remat_policy: str = "none"):
+    check_stack_options("Stack", remat_policy, unroll)
 
     @nnx.split_rngs(splits=num_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -52,7 +60,8 @@ class Stack(nnx.Module):
       return make_layer(rngs)
 
     self.block = build(rngs)
-    self.num_layers, self.scan, self.remat_policy = num_layers, scan, remat_policy
+    self.num_layers, self.scan, self.unroll = num_layers, scan, unroll
+    self.remat_policy = remat_policy
 
   def __call__(self, x: Any, *args, xs: Any = None, rngs: nnx.Rngs | None = None,
                **kwargs) -> tuple[Any, Any]:
@@ -66,12 +75,13 @@ class Stack(nnx.Module):
       x, y = layer(x, *args, xs_i, rngs=layer_rngs, **kwargs)
       return x, (nnx.state(layer, nnx.Not(nnx.Param)), y)
 
-    if self.remat_policy != "none":
+    if self.remat_policy != "none":  # CSE can undo remat only in straight-line code
+      straight_line = not self.scan or self.unroll is True or self.unroll >= self.num_layers
       body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, self.remat_policy),
-                            prevent_cse=not self.scan)
+                            prevent_cse=straight_line)
     inputs = (jnp.arange(self.num_layers), params, other, xs)
     if self.scan:
-      x, (other, ys) = jax.lax.scan(body, x, inputs)
+      x, (other, ys) = jax.lax.scan(body, x, inputs, unroll=self.unroll)
     else:
       outputs = []
       for i in range(self.num_layers):

@@ -22,7 +22,7 @@ from pretrain_jax.errors import UserError
 from pretrain_jax.layers.attention import MultiHeadAttention, padding_mask
 from pretrain_jax.layers.linear import Dense, Embed, LayerNorm
 from pretrain_jax.layers.mlp import Mlp
-from pretrain_jax.layers.stack import Stack, check_remat_policy
+from pretrain_jax.layers.stack import Stack, check_stack_options
 from pretrain_jax.layers.sharding import constrain
 
 gelu = functools.partial(jax.nn.gelu, approximate=False)  # BERT uses the exact erf GELU
@@ -44,10 +44,11 @@ class BertConfig:
   init_std: float = 0.02
   dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
   scan_layers: bool = True  # False: the same stacked parameters in a Python loop (debugging)
+  scan_unroll: int | bool = 1  # layers per scan iteration; True: unrolled (faster on CPU)
   remat_policy: str = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
 
   def __post_init__(self):
-    check_remat_policy("BertConfig", self.remat_policy)
+    check_stack_options("BertConfig", self.remat_policy, self.scan_unroll)
     if self.hidden % self.num_heads:
       raise UserError(f"BertConfig.hidden={self.hidden} is not divisible by "
                       f"num_heads={self.num_heads}")
@@ -88,7 +89,8 @@ class BertEncoder(nnx.Module):
                                 rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
     self.layers = Stack(lambda r: BertLayer(cfg, rngs=r), cfg.num_layers, rngs=rngs,
-                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
+                        scan=cfg.scan_layers, unroll=cfg.scan_unroll,
+                        remat_policy=cfg.remat_policy)
 
   def __call__(self, input_ids_BL, segment_ids_BL, *, pad_id: int = 0, rngs=None):
     length = input_ids_BL.shape[1]

@@ -27,7 +27,7 @@ from pretrain_jax.layers.kv_cache import KVCache
 from pretrain_jax.layers.linear import Dense, Embed, LayerNorm, RMSNorm
 from pretrain_jax.layers.mlp import GatedMlp, Mlp
 from pretrain_jax.layers.sharding import constrain
-from pretrain_jax.layers.stack import Stack, check_remat_policy
+from pretrain_jax.layers.stack import Stack, check_stack_options
 
 NORMS = ("post_layernorm", "pre_layernorm", "pre_rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -57,10 +57,11 @@ class GptConfig:
   scale_residual_init: bool = True  # GPT-2: residual projections start at std / √(2·layers)
   dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
   scan_layers: bool = True  # False: the same stacked parameters in a Python loop (debugging)
+  scan_unroll: int | bool = 1  # layers per scan iteration; True: unrolled (faster on CPU)
   remat_policy: str = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
 
   def __post_init__(self):
-    check_remat_policy("GptConfig", self.remat_policy)
+    check_stack_options("GptConfig", self.remat_policy, self.scan_unroll)
     checks = [(self.norm in NORMS, f"norm={self.norm!r}; valid: {NORMS}"),
               (self.positions in POSITIONS, f"positions={self.positions!r}; valid: {POSITIONS}"),
               (self.mlp in MLPS, f"mlp={self.mlp!r}; valid: {MLPS}"),
@@ -128,7 +129,8 @@ class Gpt(nnx.Module):
                                   **common)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
     self.layers = Stack(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs=rngs,
-                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
+                        scan=cfg.scan_layers, unroll=cfg.scan_unroll,
+                        remat_policy=cfg.remat_policy)
     if cfg.norm != "post_layernorm":  # pre-LN stacks end un-normalised: GPT-2 adds a final LN
       norm_cls = RMSNorm if cfg.norm == "pre_rmsnorm" else LayerNorm
       self.final_norm = norm_cls(cfg.hidden, epsilon=cfg.norm_eps, dtype=cfg.dtype, rngs=rngs)

@@ -37,7 +37,7 @@ from pretrain_jax.layers.kv_cache import KVCache
 from pretrain_jax.layers.linear import Dense, Embed, RMSNorm
 from pretrain_jax.layers.mlp import GatedMlp, Mlp
 from pretrain_jax.layers.sharding import constrain
-from pretrain_jax.layers.stack import Stack, check_remat_policy
+from pretrain_jax.layers.stack import Stack, check_stack_options
 
 ARCHITECTURES = ("encoder_decoder", "encoder_decoder_shared", "encoder_decoder_half",
                  "decoder_only", "prefix_lm")
@@ -62,10 +62,11 @@ class T5Config:
   layer_norm_eps: float = 1e-6
   dtype: str = "float32"
   scan_layers: bool = True  # False: the same stacked parameters in a Python loop (debugging)
+  scan_unroll: int | bool = 1  # layers per scan iteration; True: unrolled (faster on CPU)
   remat_policy: str = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
 
   def __post_init__(self):
-    check_remat_policy("T5Config", self.remat_policy)
+    check_stack_options("T5Config", self.remat_policy, self.scan_unroll)
     if self.architecture not in ARCHITECTURES:
       raise UserError(f"T5Config.architecture={self.architecture!r}; valid: {ARCHITECTURES}")
     if self.mlp not in MLPS:
@@ -184,7 +185,7 @@ class T5Stack(nnx.Module):
     self.layers = Stack(lambda r: T5Block(cfg, cross_attention=decoder, rngs=r,
                                           own_self_attention=shared_with is None),
                         cfg.stack_layers, rngs=rngs, scan=cfg.scan_layers,
-                        remat_policy=cfg.remat_policy)
+                        unroll=cfg.scan_unroll, remat_policy=cfg.remat_policy)
     if shared_with is not None:  # the same stacked Variables serve both stacks
       for name in SHARED_PARTS:
         setattr(self.layers.block, name, getattr(shared_with.layers.block, name))
