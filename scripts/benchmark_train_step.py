@@ -55,6 +55,21 @@ NUM_BATCHES = 4  # distinct real batches held in memory and cycled through
 BERT_SIZES = ("tiny", "mini", "small", "base", "large")
 
 
+# The shapes scripts/benchmark_vs_hf.py trains side by side with transformers: a config of
+# ours plus bindings (the names work as --models everywhere).
+PEER_SHAPES = {
+    "hf_bert_mini": ("mini", ("BertConfig.vocab_size = 30522",)),
+    "hf_gpt2": ("gpt_tiny", ("GptConfig.vocab_size = 50257", "GptConfig.dropout_rate = 0.1")),
+    "hf_llama": ("modern_decoder_tiny", (
+        "GptConfig.vocab_size = 32000", "GptConfig.num_kv_heads = 4",
+        "GptConfig.mlp_dim = 1024")),
+    "hf_t5": ("t5_tiny", (
+        "T5Config.vocab_size = 32128", "T5Config.d_model = 256", "T5Config.d_ff = 1024",
+        "T5Config.d_kv = 64", "T5Config.num_layers = 4", "T5Config.mlp = 'relu'",
+        "T5Config.tie_embeddings = True", "T5Config.dropout_rate = 0.1")),
+}
+
+
 def model_name(model: str) -> str:
   """`mini` -> `bert_mini`; decoder configs (`gpt_tiny`) keep their name."""
   return f"bert_{model}" if model in BERT_SIZES else model
@@ -62,6 +77,11 @@ def model_name(model: str) -> str:
 
 def configure_model(model: str, dtype: str, seq_len: int) -> None:
   """Parses the gin configs that pretrain `model` with `dtype` compute at `seq_len` tokens."""
+  if model in PEER_SHAPES:
+    base, bindings = PEER_SHAPES[model]
+    configure_model(base, dtype, seq_len)
+    configure([], list(bindings))
+    return
   gin.clear_config()
   name = model_name(model)
   if name.startswith("bert_"):
@@ -82,8 +102,10 @@ def configure_model(model: str, dtype: str, seq_len: int) -> None:
 class Bench:
   """One (model, dtype, batch size): its Setup, state and in-memory batches."""
 
-  def __init__(self, model: str, dtype: str, batch_size: int, seq_len: int, warmup: int):
+  def __init__(self, model: str, dtype: str, batch_size: int, seq_len: int, warmup: int,
+               bindings: tuple[str, ...] = ()):
     configure_model(model, dtype, seq_len)
+    configure([], list(bindings))  # on top of the model's configs
     q = bound
     self.setup = trainer.Setup(q("train.model"), q("train.loss_fn"), num_steps=1000)
     self.state = self.setup.init_state()
@@ -108,6 +130,15 @@ class Bench:
       self.state, self.metrics = self.setup.train_step(self.state, next(self.batches))
     jax.block_until_ready(self.metrics)
     return (time.perf_counter() - t0) / max(steps, 1)
+
+  def compiled_flops(self) -> float:
+    """FLOPs of one train step by XLA's cost analysis of the compiled step (a while loop's body
+    counts once: unrolled stacks count every layer)."""
+    with self.setup.context():
+      compiled = self.setup._step.lower(
+          self.state, self.setup.batch_to_device(next(self.batches))).compile()
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
   def finish(self) -> dict:
     r = self.result

@@ -14,6 +14,7 @@ from pretrain_jax.errors import UserError
 from pretrain_jax.layers import attention
 from pretrain_jax.layers.stack import REMAT_POLICIES
 from pretrain_jax.models import bert, gpt, t5
+from pretrain_jax.training import trainer
 
 
 def _reference_attention(q, k, v, mask, bias, scale):
@@ -54,14 +55,16 @@ def test_kernel_matches_numpy_with_grouped_heads_bias_mask_and_unequal_head_size
     attention.dot_product_attention(q, k, v8, mask, implementation="flash")
 
 
-def test_kernel_dropout_drops_probabilities_at_the_rate_and_keeps_the_mean():
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_kernel_dropout_drops_probabilities_at_the_rate_and_keeps_the_mean(impl):
+  """Whichever PRNG the trainer's `dropout_key` draws from (rbg: XLA's RngBitGenerator)."""
   rng = np.random.default_rng(1)
   q = rng.normal(size=(1, 64, 2, 4)).astype(np.float32)
   k = rng.normal(size=(1, 64, 2, 4)).astype(np.float32)
   v = np.eye(64, dtype=np.float32)[None, :, None, :].repeat(2, axis=2)  # out = probabilities
   probs = attention.dot_product_attention(q, k, v)
   outs = np.stack([attention.dot_product_attention(q, k, v, dropout_rate=0.25,
-                                                   dropout_key=jax.random.key(s))
+                                                   dropout_key=trainer.dropout_key(s, impl))
                    for s in range(40)])
   dropped = (outs == 0).mean()
   n = outs.size
@@ -113,6 +116,11 @@ def test_scanned_stack_equals_the_loop_with_every_remat_policy(scan, unroll, pol
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert policy in REMAT_POLICIES
+
+
+def test_unknown_prng_is_refused():
+  with pytest.raises(UserError, match="dropout_key.impl='philox'; valid: .*'rbg'"):
+    trainer.dropout_key(0, "philox")
 
 
 def test_unknown_remat_policy_and_bad_unroll_are_refused():

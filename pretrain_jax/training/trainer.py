@@ -42,6 +42,23 @@ def _init_fn(model_factory: Callable[[int], nnx.Module], seed: int, tx,
   return init
 
 
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+@gin.configurable
+def dropout_key(seed: int, impl: str = "threefry2x32") -> jax.Array:
+  """The root of every step's dropout key (folded with the step, then the layer).
+
+  'rbg' and 'unsafe_rbg' draw bits with XLA's RngBitGenerator instead of threefry's hash
+  rounds, which cost more than the matmuls they mask on CPU and TPU (large JAX trainers use
+  them for dropout); masks differ from threefry's, their statistics do not. 'unsafe_rbg' also
+  splits and folds by a cheaper, statistically weaker rule.
+  """
+  if impl not in PRNG_IMPLS:
+    raise UserError(f"dropout_key.impl={impl!r}; valid: {PRNG_IMPLS}")
+  return jax.random.key(seed, impl=impl)
+
+
 class Setup:
   """Mesh, model graph, optimizer, shardings and the jitted step/eval functions."""
 
@@ -62,7 +79,7 @@ class Setup:
     self.abstract_state = jax.eval_shape(init)
     self.shardings = partitioning.tree_shardings(self.abstract_state, self.mesh, self.rules)
     self._init = jax.jit(init, out_shardings=self.shardings)
-    self.dropout_key = jax.random.key(seed + 1)
+    self.dropout_key = dropout_key(seed + 1)
     self._step = jax.jit(self._train_step, out_shardings=(self.shardings, None),
                          donate_argnums=0)
     self._eval = jax.jit(self._eval_step)
