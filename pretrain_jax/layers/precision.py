@@ -9,7 +9,7 @@ Every projection asks for its matmul by role when it is built:
 so quantised or FP8 matmuls are one binding, for all roles or for one:
 
     dot_general_for.default = @my_fp8_dot_general
-    dot_general_for.overrides = {'head': @dot_general}   # keep the head in full precision
+    dot_general_for.overrides = {'head': @precision.dot_general}   # the head in full precision
 
 The default, `dot_general`, is `jax.lax.dot_general` with a backward pass that keeps the
 cotangent where a row-major matmul wants it (see its docstring); `@jax.lax.dot_general` binds
@@ -34,7 +34,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 
   Autodiff writes W's gradient as dot_general(g, x) contracting the token axis, which XLA:CPU
   canonicalises by transposing g: for a vocabulary head, a copy of the whole [tokens, vocab]
-  logits gradient every step. Here it is dot_general(x, g), whose only transpose is of x
+  logits gradient every step. Here the narrower of x and g is the one transposed
   (docs/benchmarks.md). Other shapes (batch dims, multi-axis contractions, 3-D kernels) are
   the plain lax.dot_general.
   """
@@ -61,10 +61,16 @@ def _matmul_backward(plain, rhs_contracting, residuals, g):
   lhs, rhs = residuals
   x_NK = lhs.reshape(-1, lhs.shape[-1])
   g_NM = g.reshape(-1, g.shape[-1]).astype(jnp.result_type(lhs, rhs))
-  # d lhs = g · Wᵀ (contract M); d W = xᵀ · g (contract the tokens, x as the left operand)
+  # d lhs = g · Wᵀ (contract M). d W contracts the tokens: a row-major matmul transposes its
+  # left operand for that, so the narrower of x and g goes left.
   d_lhs = jax.lax.dot_general(g_NM, rhs, (((1,), (1 - rhs_contracting,)), ((), ())))
-  d_rhs_KM = jax.lax.dot_general(x_NK, g_NM, (((0,), (0,)), ((), ())))
-  d_rhs = d_rhs_KM if rhs_contracting == 0 else d_rhs_KM.T
+  tokens = (((0,), (0,)), ((), ()))
+  if x_NK.shape[1] <= g_NM.shape[1]:
+    d_rhs_KM = jax.lax.dot_general(x_NK, g_NM, tokens)
+    d_rhs = d_rhs_KM if rhs_contracting == 0 else d_rhs_KM.T
+  else:
+    d_rhs_MK = jax.lax.dot_general(g_NM, x_NK, tokens)
+    d_rhs = d_rhs_MK.T if rhs_contracting == 0 else d_rhs_MK
   return d_lhs.reshape(lhs.shape).astype(lhs.dtype), d_rhs.astype(rhs.dtype)
 
 
