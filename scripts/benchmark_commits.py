@@ -23,7 +23,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_compile import machine_line, source_hash  # noqa: E402  (same directory)
+from benchmark_compile import machine_line, source_hash, succeeded  # noqa: E402  (same directory)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,15 +40,8 @@ def run_tree(tree: str, args, out: str) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
                           timeout=args.timeout)
-    if proc.returncode == 0:
+    if succeeded(proc, tree, cmd, last_try=attempt == args.retries):
       break
-    message = (f"{tree} failed (rc {proc.returncode}):\n{' '.join(cmd)}\n"
-               f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    if attempt == args.retries:
-      sys.exit(message)
-    # the tree may be mid-edit by someone else: wait and retry
-    print(f"# {message}\n# retrying in 60 s", file=sys.stderr, flush=True)
-    time.sleep(60)
   with open(out) as f:
     data = json.load(f)
   data["wall_s"], data["sources"] = time.perf_counter() - t0, sources

@@ -67,6 +67,21 @@ def source_hash(tree: str) -> str:
   return h.hexdigest()[:10]
 
 
+def succeeded(proc: subprocess.CompletedProcess, label: str, cmd: list[str],
+              last_try: bool) -> bool:
+  """True if `proc` exited 0; else exits on the last try, or waits 60 s for a retry (the
+  measured tree may be mid-edit by someone else)."""
+  if proc.returncode == 0:
+    return True
+  message = (f"{label} failed (rc {proc.returncode}):\n{' '.join(cmd)}\n"
+             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  if last_try:
+    sys.exit(message)
+  print(f"# {message}\n# retrying in 60 s", file=sys.stderr, flush=True)
+  time.sleep(60)
+  return False
+
+
 def command(tree: str, layers: int, mode: str, model_dir: str, args) -> list[str]:
   cmd = [sys.executable, "-m", "pretrain_jax", "train",
          "--gin_file=models/bert_mini.gin", "--gin_file=objectives/bert.gin",
@@ -99,15 +114,8 @@ def run_one(tree: str, layers: int, mode: str, args) -> dict:
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(model_dir, ignore_errors=True)
-    if proc.returncode == 0:
+    if succeeded(proc, f"{mode} L={layers}", cmd, last_try=attempt == args.retries):
       break
-    message = (f"{mode} L={layers} failed (rc {proc.returncode}):\n{' '.join(cmd)}\n"
-               f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    if attempt == args.retries:
-      sys.exit(message)
-    # the tree may be mid-edit by someone else: wait and retry
-    print(f"# {message}\n# retrying in 60 s", file=sys.stderr, flush=True)
-    time.sleep(60)
   phases = {"trace": {}, "lower": {}, "compile": {}}
   for m in LOG_RE.finditer(proc.stderr + proc.stdout):
     phase, name = next((p, m.group(g)) for p, g in (("trace", "t"), ("lower", "l"),
