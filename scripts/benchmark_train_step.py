@@ -113,10 +113,10 @@ class Bench:
     data = pipeline.TrainBatches(q("train.task"), lengths, q("train.feature_converter"),
                                  batch_size, seed=0)
     # tokens a step processes: an encoder-decoder reads inputs and writes targets
-    self.tokens_per_step = batch_size * (
-        seq_len + (lengths["targets"] if not q("feature_lengths.concatenated", True) else 0))
+    targets_len = pipeline.decoder_length(seq_len)
+    self.tokens_per_step = batch_size * (seq_len + (targets_len or 0))
     self.batches = itertools.cycle([next(data) for _ in range(NUM_BATCHES)])
-    flops = self.setup.flops_per_token and self.setup.flops_per_token(seq_len)
+    flops = self.setup.flops_per_token and self.setup.flops_per_token(seq_len, targets_len)
     self.result = {"model": model_name(model), "dtype": dtype, "batch_size": batch_size,
                    "seq_len": seq_len, "flops_per_token": flops, "step_s_repeats": [],
                    "params": int(sum(x.size for x in jax.tree.leaves(self.state.params)))}

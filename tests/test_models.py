@@ -56,7 +56,7 @@ def test_configs_parse_from_a_directory_with_clashing_folder_names(tmp_path, mon
   monkeypatch.chdir(tmp_path)
   gin.clear_config()
   configure(["experiments/bert_tiny_cpu.gin"], [])
-  assert bound("train.num_steps") == 1500
+  assert bound("train.num_steps") == 900
 
 
 def test_misspelt_gin_names_get_a_suggestion():

@@ -76,8 +76,8 @@ class ToyLm(nnx.Module):
     logits_BLV = self.head(self.embed.embedding[...][tokens_BL])
     return logits_BLV.at[..., 0].add(self.cfg.counter_shift * self.count[...])
 
-  def train_flops_per_token(self, seq_len: int) -> float:
-    del seq_len
+  def train_flops_per_token(self, seq_len: int, targets_len: int | None = None) -> float:
+    del seq_len, targets_len
     return 6.0 * self.cfg.dim * self.cfg.vocab_size
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from pretrain_jax import config
 from pretrain_jax.errors import UserError
 
 
@@ -45,6 +46,13 @@ def feature_lengths(sequence_length: int, targets_length: int | None = None,
     raise UserError(f"feature_lengths.targets_length={targets_length} must lie between 0 and "
                     f"the sequence length {sequence_length}")
   return {"inputs": sequence_length - targets_length, "targets": targets_length}
+
+
+def decoder_length(sequence_length: int) -> int | None:
+  """The targets length when the model reads targets as a second sequence beside
+  `sequence_length` inputs (an encoder-decoder); None when it reads one sequence."""
+  lengths = feature_lengths(sequence_length)
+  return None if config.bound("feature_lengths.concatenated", True) else lengths["targets"]
 
 
 def provider(task: str) -> seqio.DatasetProviderBase:

@@ -131,7 +131,8 @@ class BertForPretraining(nnx.Module):
     logits_BPV = self.encoder.token_embed.attend(t_BPD) + self.mlm_bias[...]
     return constrain(logits_BPV, ("batch", "length", "act_vocab"))
 
-  def train_flops_per_token(self, seq_len: int) -> float:
+  def train_flops_per_token(self, seq_len: int, targets_len: int | None = None) -> float:
+    del targets_len  # one sequence
     return flops_per_token(self.cfg, seq_len, predictions=math.ceil(0.15 * seq_len))
 
   def nsp_logits(self, h_BLD):

@@ -200,7 +200,8 @@ class Gpt(nnx.Module):
 
   # Accounting ------------------------------------------------------------------------------------
 
-  def train_flops_per_token(self, seq_len: int) -> float:
+  def train_flops_per_token(self, seq_len: int, targets_len: int | None = None) -> float:
+    del targets_len  # one sequence (inputs ++ targets when concatenated)
     return flops_per_token(self.cfg, seq_len)
 
   def _check_length(self, length: int) -> None:

@@ -23,8 +23,10 @@ class Model(Protocol):
   """
   cfg: Any
 
-  def train_flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token at `seq_len` (6 × matmul MACs, attention included)."""
+  def train_flops_per_token(self, seq_len: int, targets_len: int | None = None) -> float:
+    """Training FLOPs per token read at `seq_len` (6 × matmul MACs, attention included);
+    `targets_len` is an encoder-decoder's second sequence (pipeline.decoder_length), which
+    one-sequence models ignore."""
 
 
 @runtime_checkable

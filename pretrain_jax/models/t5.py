@@ -296,8 +296,8 @@ class T5(nnx.Module):
     new_cache = cache.advance([keys], [values], valid_BS, tokens_BL.shape[1])
     return self.logits(y_BLD[:, -1:] if last_only else y_BLD), new_cache
 
-  def train_flops_per_token(self, seq_len: int) -> float:
-    return flops_per_token(self.cfg, seq_len)
+  def train_flops_per_token(self, seq_len: int, targets_len: int | None = None) -> float:
+    return flops_per_token(self.cfg, seq_len, targets_len)
 
 
 class T5Decoding(nnx.Module):
@@ -344,8 +344,22 @@ def param_count(cfg: T5Config) -> int:
   return cfg.vocab_size * d + body + head
 
 
-def flops_per_token(cfg: T5Config, seq_len: int) -> float:
-  """6 × matmul parameters touched per token (inputs and targets both counted as tokens)."""
+def flops_per_token(cfg: T5Config, seq_len: int, targets_len: int | None = None) -> float:
+  """Training FLOPs (6 × matmul MACs) per token read, inputs and targets both counted.
+
+  An encoder-decoder runs the encoder over `seq_len` inputs and the decoder and head over
+  `targets_len` targets only (None: as many as the inputs); each decoder layer also projects
+  the encoder's keys and values and attends over them. One-stack architectures read one
+  sequence of `seq_len`.
+  """
   d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
-  block = 4 * d * inner + (3 if cfg.mlp == "gated-gelu" else 2) * d * cfg.d_ff
-  return 6.0 * (cfg.stack_layers * (block + 2 * inner * seq_len) + d * cfg.vocab_size)
+  attention, ff = 4 * d * inner, (3 if cfg.mlp == "gated-gelu" else 2) * d * cfg.d_ff
+  n = cfg.stack_layers
+  if not cfg.is_encoder_decoder:
+    return 6.0 * (n * (attention + ff + 2 * inner * seq_len) + d * cfg.vocab_size)
+  targets_len = seq_len if targets_len is None else targets_len
+  encoder = seq_len * n * (attention + ff + 2 * inner * seq_len)
+  cross = targets_len * (2 * d * inner + 2 * inner * seq_len) + seq_len * 2 * d * inner
+  decoder = n * (targets_len * (attention + ff + 2 * inner * targets_len) + cross)
+  head = targets_len * d * cfg.vocab_size
+  return 6.0 * (encoder + decoder + head) / (seq_len + targets_len)

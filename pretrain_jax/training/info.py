@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from pretrain_jax import config
+from pretrain_jax.data import pipeline
 from pretrain_jax.errors import UserError
 from pretrain_jax.models import protocol
 from pretrain_jax.training import optimizers, train_state
@@ -51,7 +52,8 @@ def model_info() -> dict:
                            if isinstance(model.module, _Sparse) else total),
       "model_state_params": train_state.num_elements(model.model_state),
       "sequence_length": length,
-      "flops_per_token": (float(model.module.train_flops_per_token(length))
+      "flops_per_token": (float(model.module.train_flops_per_token(
+          length, pipeline.decoder_length(length)))
                           if is_model and length else None),
       "params_bytes": train_state.num_bytes(model.params),
       "optimizer_bytes": train_state.num_bytes(state.opt_state),

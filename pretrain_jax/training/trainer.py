@@ -315,6 +315,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
         stage_start = stage_end
         continue
       lengths = pipeline.feature_lengths(length)
+      targets_len = pipeline.decoder_length(length)  # an encoder-decoder reads both
+      tokens_per_row = length + (targets_len or 0)
       start = position if position.get("stage", 0) == stage_index else None
       data = pipeline.TrainBatches(task, lengths, feature_converter, batch_size, seed,
                                    position=start and {"epoch": start["epoch"],
@@ -328,7 +330,7 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
         state, step_metrics = setup.train_step(state, next(data))
         step += 1
         window.append(step_metrics)
-        tokens += batch_size * length
+        tokens += batch_size * tokens_per_row
         if step % log_every == 0 or step == stage_end:
           values = metrics_lib.reduce(window)
           if not np.isfinite(values["loss"]):
@@ -339,8 +341,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
           elapsed = time.perf_counter() - t0
           values["tokens_per_sec"] = tokens / elapsed
           if peak and setup.flops_per_token:
-            values["mfu"] = (values["tokens_per_sec"] * setup.flops_per_token(length)
-                             / (peak * jax.device_count()))
+            flops = setup.flops_per_token(length, targets_len)
+            values["mfu"] = values["tokens_per_sec"] * flops / (peak * jax.device_count())
           writer.write(step, "train", values)
           last["train"] = values
           bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}",
