@@ -113,10 +113,8 @@ def make_bench(model: str, mode: str, args):
 
   b.run = run
   if args.hlo:
-    with b.setup.context():
-      compiled = b.setup._step.lower(b.state, b.setup.batch_to_device(next(b.batches))).compile()
+    compiled = b.compiled()
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     text = compiled.as_text()
     ops = hlo_op_counts(text)
     b.result["cost"] = {k: float(cost[k]) for k in ("flops", "bytes accessed", "transcendentals")

@@ -134,11 +134,11 @@ class Bench:
   def compiled_flops(self) -> float:
     """FLOPs of one train step by XLA's cost analysis of the compiled step (a while loop's body
     counts once: unrolled stacks count every layer)."""
-    with self.setup.context():
-      compiled = self.setup._step.lower(
-          self.state, self.setup.batch_to_device(next(self.batches))).compile()
-    cost = compiled.cost_analysis()
-    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    return float(self.compiled().cost_analysis()["flops"])
+
+  def compiled(self):
+    """The train step compiled for this bench's batches (a fresh compile, not the jit cache's)."""
+    return self.setup.compile_step(self.setup.batch_to_device(next(self.batches)))
 
   def finish(self) -> dict:
     r = self.result

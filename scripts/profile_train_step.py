@@ -76,10 +76,7 @@ def main():
   bench = bts.Bench(args.model, "float32", args.batch_size, args.seq_len, warmup=2,
                     bindings=bindings)
   step_s = bench.run(args.steps)
-  with bench.setup.context():
-    compiled = bench.setup._step.lower(
-        bench.state, bench.setup.batch_to_device(next(bench.batches))).compile()
-  ops = hlo_ops(compiled.as_text())
+  ops = hlo_ops(bench.compiled().as_text())
   trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile_")
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     bench.run(args.steps)

@@ -286,10 +286,7 @@ def test_flops_formula_matches_the_compiled_train_step(family, files, bindings):
   targets_len = pipeline.decoder_length(128)
   assert (targets_len == 32) == (family == "t5")
   batch = pipeline.batch_spec(bound("train.task"), lengths, bound("train.feature_converter"), 8)
-  with setup.context():
-    compiled = setup._step.lower(setup.abstract_with_shardings(), batch).compile()
-  cost = compiled.cost_analysis()
-  xla_flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] * setup.mesh.size
+  xla_flops = setup.compile_step(batch).cost_analysis()["flops"] * setup.mesh.size
   formula = setup.flops_per_token(128, targets_len) * 8 * (128 + (targets_len or 0))
   assert 0.85 * xla_flops < formula < 1.01 * xla_flops, (formula, xla_flops)
 

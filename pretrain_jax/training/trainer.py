@@ -96,6 +96,12 @@ class Setup:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self.abstract_state, self.shardings)
 
+  def compile_step(self, batch):
+    """The train step compiled ahead of time for `batch` (device arrays or ShapeDtypeStructs)
+    and the abstract state: its HLO (`as_text()`), `cost_analysis()` and memory analysis."""
+    with self.context():
+      return self._step.lower(self.abstract_with_shardings(), batch).compile()
+
   def batch_to_device(self, batch):
     return pipeline.to_global(batch, lambda ndim: partitioning.batch_sharding(self.mesh, ndim))
 
