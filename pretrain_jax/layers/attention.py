@@ -4,7 +4,9 @@ function, and the multi-head module that owns the projections.
 Shape letters (the full legend is in docs/design.md): B batch, L query length, S key length,
 D model width, H query heads, G key/value heads (grouped-query attention: each serves
 R = H / G query heads), K query/key head size, V value head size (MLA: K ≠ V).
-Masks are boolean, True where a query may read a key, and broadcast over heads: [B, 1, L, S].
+Masks are boolean, True where a query may read a key, and broadcast over heads: [B, 1, L, S];
+or a `SegmentMask`, the same rule stated by segment ids, which fused kernels (TPU splash
+attention) take without the [L, S] mask ever being built.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from __future__ import annotations
 import gin
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from pretrain_jax.errors import UserError
 from pretrain_jax.layers.linear import Dense
 from pretrain_jax.layers.rope import apply_rope
-from pretrain_jax.layers.sharding import constrain
+from pretrain_jax.layers.sharding import active_spec, constrain
 
-IMPLEMENTATIONS = (None, "xla", "cudnn")
+IMPLEMENTATIONS = (None, "xla", "cudnn", "splash")
 
 # Masks -----------------------------------------------------------------------------------------
 
@@ -51,6 +53,20 @@ def cross_mask(query_segments_BL: jax.Array, key_segments_BS: jax.Array,
   return mask_BLS[:, None]
 
 
+@struct.dataclass
+class SegmentMask:
+  """`cross_mask(q_segments_BL, kv_segments_BS, causal)`, not yet materialised; without
+  `q_segments_BL`, every query reads every real key (`padding_mask(kv_segments_BS != 0)`)."""
+  kv_segments_BS: jax.Array
+  q_segments_BL: jax.Array | None = None
+  causal: bool = struct.field(pytree_node=False, default=False)
+
+  def dense(self) -> jax.Array:
+    if self.q_segments_BL is None:
+      return padding_mask(self.kv_segments_BS != 0)
+    return cross_mask(self.q_segments_BL, self.kv_segments_BS, self.causal)
+
+
 def prefix_mask(segment_ids_BL: jax.Array, prefix_BL: jax.Array) -> jax.Array:
   """[B, 1, L, L]: causal, except that the prefix (a prefix LM's inputs) sees itself in both
   directions (Raffel et al. 2020, Fig. 3)."""
@@ -73,7 +89,8 @@ def cache_mask(valid_BS: jax.Array, index: jax.Array, valid_BL: jax.Array):
 
 @gin.configurable(allowlist=["implementation"])
 def dot_product_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGV: jax.Array,
-                          mask_B1LS: jax.Array | None = None, bias_BHLS: jax.Array | None = None,
+                          mask_B1LS: jax.Array | SegmentMask | None = None,
+                          bias_BHLS: jax.Array | None = None,
                           *, scale: float | None = None, dropout_rate: float = 0.0,
                           dropout_key: jax.Array | None = None,
                           implementation: str | None = None) -> jax.Array:
@@ -81,13 +98,27 @@ def dot_product_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGV: jax.Arra
 
   `implementation` None spells the kernel out (any head sizes, dropout); 'xla' or 'cudnn'
   pass through to `jax.nn.dot_product_attention` (cuDNN's fused flash attention on GPU),
-  which takes neither dropout nor K ≠ V.
+  which takes neither dropout nor K ≠ V; 'splash' is TPU splash attention (a Pallas kernel,
+  run by the Pallas interpreter elsewhere), which takes a `SegmentMask` and no bias.
   """
   if implementation not in IMPLEMENTATIONS:
     raise UserError(f"dot_product_attention.implementation={implementation!r}; valid: "
                     f"{IMPLEMENTATIONS}")
   scale = q_BLHK.shape[-1] ** -0.5 if scale is None else scale
   dropout = dropout_rate > 0.0 and dropout_key is not None
+  if implementation == "splash":
+    if dropout or bias_BHLS is not None or not isinstance(mask_B1LS, SegmentMask):
+      raise UserError("dot_product_attention.implementation='splash' takes self-attention "
+                      "masked by segments (BERT, GPT), without attention dropout or a logit "
+                      "bias (T5's relative positions): set the attention dropout rate to 0, "
+                      "or use implementation=None for this model")
+    if q_BLHK.shape[1] % 128 or k_BSGK.shape[1] % 128:
+      raise UserError(f"dot_product_attention.implementation='splash' tiles queries and keys "
+                      f"by 128; lengths {q_BLHK.shape[1]} and {k_BSGK.shape[1]} are not "
+                      "multiples of 128: pad the sequence length, or use implementation=None")
+    return splash_attention(q_BLHK, k_BSGK, v_BSGV, mask_B1LS, scale)
+  if isinstance(mask_B1LS, SegmentMask):
+    mask_B1LS = mask_B1LS.dense()
   if implementation is not None:
     if dropout or k_BSGK.shape[-1] != v_BSGV.shape[-1]:
       raise UserError(f"dot_product_attention.implementation={implementation!r} has no "
@@ -112,6 +143,52 @@ def dot_product_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGV: jax.Arra
     probs_BGRLS = jnp.where(keep, probs_BGRLS / (1.0 - dropout_rate), 0.0)
   out_BLGRV = jnp.einsum("bgrls,bsgv->blgrv", probs_BGRLS.astype(v_BSGV.dtype), v_BSGV)
   return out_BLGRV.reshape(batch, length, heads, -1)
+
+
+def splash_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGV: jax.Array,
+                     mask: SegmentMask, scale: float) -> jax.Array:
+  """TPU splash attention (flash attention that skips the masked-out blocks): [B, L, H, V].
+
+  A Pallas kernel cannot be split by GSPMD, so under a mesh it runs in `shard_map` over the
+  batch and head axes the activation rules give; off TPU the Pallas interpreter runs it (slow:
+  for tests).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash, splash_attention_mask as masks)
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+  interpret = platform != "tpu"
+  q_segments_BL = (jnp.where(mask.kv_segments_BS != 0, 1, 0) if mask.q_segments_BL is None
+                   else mask.q_segments_BL)  # BERT: every query is in the one real segment
+
+  def local(q_BLHK, k_BSGK, v_BSGV, q_segments_BL, kv_segments_BS):
+    _, length, heads, _ = q_BLHK.shape
+    keys = k_BSGK.shape[1]
+    one = (masks.CausalMask((length, keys)) if mask.causal
+           else masks.FullMask((length, keys)))
+    bq, bkv = min(512, length), min(512, keys)  # the kernel's tiles: multiples of 128
+    bq, bkv = bq if length % bq == 0 else 128, bkv if keys % bkv == 0 else 128
+    blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+                               block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+                               block_q_dq=bq, block_kv_dq=bkv)
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([one] * heads), block_sizes=blocks,
+                                    head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def row(q_LHK, k_SGK, v_SGV, q_segments_L, kv_segments_S):  # the kernel is head-major
+      out_HLV = kernel(q_LHK.swapaxes(0, 1), k_SGK.swapaxes(0, 1), v_SGV.swapaxes(0, 1),
+                       segment_ids=splash.SegmentIds(q_segments_L, kv_segments_S))
+      return out_HLV.swapaxes(0, 1)
+
+    return jax.vmap(row)(q_BLHK * jnp.asarray(scale, q_BLHK.dtype), k_BSGK, v_BSGV,
+                         q_segments_BL, kv_segments_BS)
+
+  heads = active_spec(("batch", None, "act_heads", None))
+  rows = active_spec(("batch", None))
+  if mesh.empty or mesh.size == 1 or heads is None:
+    return local(q_BLHK, k_BSGK, v_BSGV, q_segments_BL, mask.kv_segments_BS)
+  return jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, rows, rows),
+                       out_specs=heads, check_vma=False)(
+                           q_BLHK, k_BSGK, v_BSGV, q_segments_BL, mask.kv_segments_BS)
 
 
 # The module ------------------------------------------------------------------------------------

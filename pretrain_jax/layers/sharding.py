@@ -47,6 +47,11 @@ def activation_rules(rules: dict):
     _ACTIVE_RULES.pop()
 
 
+def active_spec(names: Sequence[str | None]) -> PartitionSpec | None:
+  """The PartitionSpec the active rules give `names`; None outside `activation_rules`."""
+  return logical_to_spec(names, _ACTIVE_RULES[-1]) if _ACTIVE_RULES else None
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Annotates an activation with logical axes; a no-op outside `activation_rules`."""
   if not _ACTIVE_RULES:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pretrain_jax.errors import UserError
-from pretrain_jax.layers.attention import MultiHeadAttention, padding_mask
+from pretrain_jax.layers.attention import MultiHeadAttention, SegmentMask
 from pretrain_jax.layers.linear import Dense, Embed, LayerNorm
 from pretrain_jax.layers.mlp import Mlp
 from pretrain_jax.layers.stack import Stack, check_stack_options
@@ -102,8 +102,8 @@ class BertEncoder(nnx.Module):
              + self.type_embed(segment_ids_BL))
     h_BLD = self.dropout(self.embed_norm(h_BLD), rngs=rngs, deterministic=rngs is None)
     h_BLD = constrain(h_BLD, ("batch", "length", "act_embed"))
-    mask_B11L = padding_mask(input_ids_BL != pad_id)
-    h_BLD, _ = self.layers(h_BLD, mask_B11L, rngs=rngs)
+    mask = SegmentMask(jnp.where(input_ids_BL != pad_id, 1, 0))  # padding_mask, unbuilt
+    h_BLD, _ = self.layers(h_BLD, mask, rngs=rngs)
     return h_BLD
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pretrain_jax.errors import UserError
-from pretrain_jax.layers.attention import MultiHeadAttention, causal_mask
+from pretrain_jax.layers.attention import MultiHeadAttention, SegmentMask
 from pretrain_jax.layers.kv_cache import KVCache
 from pretrain_jax.layers.linear import Dense, Embed, LayerNorm, RMSNorm
 from pretrain_jax.layers.mlp import GatedMlp, Mlp
@@ -177,7 +177,8 @@ class Gpt(nnx.Module):
       segment_ids_BL = jnp.ones_like(tokens_BL)
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(length), tokens_BL.shape)
-    h_BLD, _ = self.hidden_states(tokens_BL, positions_BL, causal_mask(segment_ids_BL),
+    h_BLD, _ = self.hidden_states(tokens_BL, positions_BL,
+                                  SegmentMask(segment_ids_BL, segment_ids_BL, causal=True),
                                   rngs=rngs)
     return h_BLD if return_hidden else self.logits(h_BLD)
 

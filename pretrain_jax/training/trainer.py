@@ -63,8 +63,10 @@ class Setup:
   """Mesh, model graph, optimizer, shardings and the jitted step/eval functions."""
 
   def __init__(self, model_factory: Callable[[int], nnx.Module], loss_fn, num_steps: int,
-               num_microbatches: int = 1, seed: int = 0):
-    self.mesh = partitioning.make_mesh()
+               num_microbatches: int = 1, seed: int = 0, mesh=None):
+    """`mesh` defaults to gin's `make_mesh()` over the local devices; pass one over a TPU
+    topology's devices to compile the step ahead of time for hardware that is not here."""
+    self.mesh = partitioning.make_mesh() if mesh is None else mesh
     self.rules = partitioning.logical_axis_rules()
     self.loss_fn, self.num_microbatches = loss_fn, num_microbatches
     self.tx, self.schedule = optimizers.make_optimizer(num_steps)
