@@ -97,8 +97,7 @@ def main():
       except Exception as e:  # one variant that does not compile is a result, not the end
         r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
       rows.append({"model": model, "variant": name, **r})
-      print(f"# {model} {name}: " + (r.get("error") or f"{r['compile_s']:.0f} s"),
-            file=sys.stderr, flush=True)
+      print(f"# {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
   tokens = args.batch_size * args.seq_len / len(devices)
   print(f"\n{args.topology} ({len(devices)} x {aot.device_kind(devices)}), global batch "
         f"{args.batch_size} x {args.seq_len}, per device:\n")

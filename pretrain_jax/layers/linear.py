@@ -66,10 +66,10 @@ class LayerNorm(nnx.LayerNorm):
 
 
 class RMSNorm(nnx.RMSNorm):
-  """x / RMS(x) · g (Zhang & Sennrich 2019): no mean, no bias; the scale follows `embed`."""
+  """x / RMS(x) · g (Zhang & Sennrich 2019): no mean, no bias; the scale follows `axis`."""
 
   def __init__(self, features: int, *, epsilon: float = 1e-6, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, axis: str = "embed", rngs: nnx.Rngs):
     super().__init__(features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
-                     scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
+                     scale_init=nnx.with_partitioning(nnx.initializers.ones, (axis,)),
                      rngs=rngs)

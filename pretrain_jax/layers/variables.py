@@ -20,4 +20,5 @@ class AuxLoss(nnx.Variable):
 
 
 class AuxMetric(nnx.Variable):
-  """A quantity worth watching (expert load, router entropy): logged by path, not optimised."""
+  """A quantity worth watching (expert load, router entropy): logged by path, not optimised;
+  summed over a scanned stack's layers, or with `reduce='each'` logged layer by layer."""

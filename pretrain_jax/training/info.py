@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from pretrain_jax import config
 from pretrain_jax.data import pipeline
@@ -21,6 +22,11 @@ class _Sparse(Protocol):
   """A model that activates fewer parameters per token than it holds (mixture of experts)."""
 
   def activated_params(self) -> int: ...
+
+
+def _training_only(params) -> int:
+  """Parameters under an `mtp` path: multi-token-prediction modules, dropped at inference."""
+  return sum(x.size for path, x in nnx.to_flat_state(params) if "mtp" in map(str, path))
 
 
 def _sequence_length() -> int | None:
@@ -50,6 +56,7 @@ def model_info() -> dict:
       "trainable_params": train_state.num_elements(trainable),
       "activated_params": (int(model.module.activated_params())
                            if isinstance(model.module, _Sparse) else total),
+      "mtp_params": _training_only(model.params),
       "model_state_params": train_state.num_elements(model.model_state),
       "sequence_length": length,
       "flops_per_token": (float(model.module.train_flops_per_token(
@@ -69,6 +76,7 @@ def table(info: dict) -> str:
   rows = [("total parameters", n(info["total_params"]), ""),
           ("trainable parameters", n(info["trainable_params"]), ""),
           ("activated per token", n(info["activated_params"]), ""),
+          ("of the total, MTP", n(info["mtp_params"]), "(training only)"),
           ("non-gradient state", n(info["model_state_params"]), ""),
           ("train FLOPs per token", n(flops),
            f"at L = {info['sequence_length']}" if flops else "(set train.sequence_length)"),
@@ -84,7 +92,9 @@ def table(info: dict) -> str:
 
 def main(as_json: bool = False) -> None:
   """Prints `model_info()`: JSON keys total_params, trainable_params (after the freeze filter),
-  activated_params (per token; = total for dense models), model_state_params (non-gradient
+  activated_params (per token, by the model's own count: DeepSeek's excludes the looked-up
+  embedding table; = total for dense models), mtp_params (multi-token-prediction modules,
+  included in the total, dropped at inference), model_state_params (non-gradient
   state), flops_per_token (train FLOPs at train.sequence_length, the model's own count),
   params_bytes, optimizer_bytes and state_bytes (params + optimizer state + model state)."""
   info = model_info()

@@ -26,7 +26,7 @@ BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 # Parameters: layers (the stacked axis of a scanned stack), vocab, embed, mlp, heads, kv,
-# position, token_type, expert.
+# position, token_type, expert, q_lora and kv_lora (MLA's latents).
 # Activations: batch, length, act_embed, act_mlp, act_heads, act_kv, act_vocab.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
@@ -36,6 +36,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    ("q_lora", None),  # MLA's query and key/value latents (small: replicated)
+    ("kv_lora", None),
     ("position", None),
     ("token_type", None),
     ("relpos_buckets", None),

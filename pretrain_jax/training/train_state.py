@@ -134,12 +134,19 @@ def trainable_params(trainable: Sequence[str] = (".*",),
 def aux_terms(model: nnx.Module) -> tuple[jax.Array | None, dict]:
   """After a forward pass: the sum of every AuxLoss (each summed over a leading layers axis;
   None when the model declares none) and {'aux/<path>': (value, 1.0)} metrics for every AuxLoss
-  and AuxMetric."""
+  and AuxMetric; an AuxMetric declared with `reduce='each'` (per-layer expert load) gives one
+  metric per element instead, 'aux/<path>/<i>'."""
   total, metrics = None, {}
   for kind in AUX:
     for path, variable in nnx.to_flat_state(nnx.state(model, kind)):
-      value = jnp.sum(variable[...]).astype(jnp.float32)
-      metrics[f"aux/{path_of(path)}"] = (value, jnp.float32(1.0))
+      value = variable[...].astype(jnp.float32)
+      name = f"aux/{path_of(path)}"
+      if kind is AuxMetric and getattr(variable, "reduce", "sum") == "each" and value.ndim:
+        metrics.update({f"{name}/{i}": (v, jnp.float32(1.0))
+                        for i, v in enumerate(value.reshape(-1))})
+        continue
+      value = jnp.sum(value)
+      metrics[name] = (value, jnp.float32(1.0))
       if kind is AuxLoss:
         total = value if total is None else total + value
   return total, metrics
