@@ -11,7 +11,8 @@ no rematerialisation):
   attention=splash  TPU splash attention (a Pallas kernel, compiled by Mosaic)
   remat=P           BertConfig/GptConfig.remat_policy = P (jax.checkpoint_policies)
 
-Attention dropout is 0 in every variant (the fused kernels have none), so variants compare
+Layer stacks are scanned unless --unroll (XLA's cost model counts a loop body once, so a
+scanned step's FLOPs are one layer's plus the rest). Attention dropout is 0 in every variant (the fused kernels have none), so variants compare
 like with like. Per device, XLA reports the bytes of the arguments (parameters, optimizer state,
 batch), temporaries and the peak, FLOPs per step by its cost model (blind to the inside of a
 Pallas kernel: splash attention's FLOPs are missing from its count) and the number of Mosaic
@@ -58,12 +59,14 @@ def variants() -> list[tuple[str, str, tuple[str, ...]]]:
   return out
 
 
-def compile_one(model: str, dtype: str, bindings, devices, batch_size: int, seq_len: int):
+def compile_one(model: str, dtype: str, bindings, devices, batch_size: int, seq_len: int,
+                unroll: bool, extra=()):
   bts.configure_model(model, dtype, seq_len)
   cfg = "BertConfig" if bts.model_name(model).startswith("bert_") else "GptConfig"
   no_attention_dropout = (f"{cfg}.attention_dropout_rate = 0.0" if cfg == "BertConfig"
                           else f"{cfg}.dropout_rate = 0.0")
-  configure([], [no_attention_dropout, *(b.format(cfg=cfg) for b in bindings)])
+  configure([], [no_attention_dropout, f"{cfg}.scan_unroll = {unroll}",
+                 *(b.format(cfg=cfg) for b in (*bindings, *extra))])
   mesh = partitioning.make_mesh(data=-1, devices=devices)
   setup = trainer.Setup(bound("train.model"), bound("train.loss_fn"), num_steps=1000, mesh=mesh)
   batch = pipeline.batch_spec(
@@ -83,24 +86,33 @@ def main():
   p.add_argument("--topology", default="v5e:2x2")
   p.add_argument("--batch_size", type=int, default=32, help="global")
   p.add_argument("--seq_len", type=int, default=512)
+  p.add_argument("--variants", default="", help="comma list of variant names (default: all)")
+  p.add_argument("--unroll", action="store_true",
+                 help="unroll the layer stacks: XLA's cost model counts a scanned stack's "
+                      "body once, so only unrolled FLOPs are the step's (slower compiles)")
+  p.add_argument("--bindings", default="", help="gin bindings for every variant, ';'-separated "
+                 "('{cfg}' is the model's config class, e.g. '{cfg}.num_layers = 2')")
   p.add_argument("--output", help="also write the results as JSON here")
   args = p.parse_args()
+  chosen = [v for v in variants() if not args.variants or v[0] in args.variants.split(",")]
   devices = aot.topology_devices(args.topology)
   print(f"# {machine_line()}; compiling for {args.topology}: {len(devices)} x "
         f"{aot.device_kind(devices)}, data-parallel, batch {args.batch_size} x {args.seq_len}",
         file=sys.stderr, flush=True)
   rows = []
   for model in args.models.split(","):
-    for name, dtype, bindings in variants():
+    for name, dtype, bindings in chosen:
       try:
-        r = compile_one(model, dtype, bindings, devices, args.batch_size, args.seq_len)
+        r = compile_one(model, dtype, bindings, devices, args.batch_size, args.seq_len,
+                        args.unroll, [b for b in args.bindings.split(";") if b.strip()])
       except Exception as e:  # one variant that does not compile is a result, not the end
         r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
       rows.append({"model": model, "variant": name, **r})
       print(f"# {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
   tokens = args.batch_size * args.seq_len / len(devices)
   print(f"\n{args.topology} ({len(devices)} x {aot.device_kind(devices)}), global batch "
-        f"{args.batch_size} x {args.seq_len}, per device:\n")
+        f"{args.batch_size} x {args.seq_len}, layers {'unrolled' if args.unroll else 'scanned'}"
+        ", per device:\n")
   print("| model | variant | arguments (MiB) | temporaries (MiB) | peak (MiB) | XLA GFLOP "
         "| XLA / formula | Mosaic kernels | compile (s) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
   mib = 2 ** 20

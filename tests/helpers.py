@@ -2,6 +2,8 @@
 
 import gin
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pretrain_jax.config import configure
@@ -16,6 +18,22 @@ def perturbed(model: nnx.Module, seed: int) -> nnx.Module:
   leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
   nnx.update(model, jax.tree.unflatten(treedef, leaves))
   return model
+
+
+def cached_logits(model, tokens_1L, prefill: int):
+  """A decoder's logits for every position of one row, decoded through its cache: the first
+  `prefill` tokens at once, then one token per call."""
+  length = tokens_1L.shape[1]
+  cache = model.init_cache(1, length)
+  positions = jnp.arange(length)[None]
+  logits, cache = model.decode(jnp.asarray(tokens_1L[:, :prefill]), positions[:, :prefill],
+                               jnp.ones((1, prefill), bool), cache)
+  steps = [np.asarray(logits)[0]]
+  for i in range(prefill, length):
+    logits, cache = model.decode(jnp.asarray(tokens_1L[:, i:i + 1]), positions[:, i:i + 1],
+                                 jnp.ones((1, 1), bool), cache)
+    steps.append(np.asarray(logits)[0])
+  return np.concatenate(steps)
 
 
 def param_count(model: nnx.Module) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import param_count, perturbed
+from helpers import cached_logits, param_count, perturbed
 from pretrain_jax.config import bound, configure
 from pretrain_jax.inference import decoding
 from pretrain_jax.inference.sampling import Sampling
@@ -199,16 +199,8 @@ def test_kv_cache_logits_equal_full_forward_logits():
   model = _model("modern", seed=4)
   tokens = np.random.default_rng(5).integers(1, 61, size=(1, 10))
   full = np.asarray(model(jnp.asarray(tokens)))[0]
-  cache = model.init_cache(1, 10)
-  positions = jnp.arange(10)[None]
-  logits, cache = model.decode(jnp.asarray(tokens[:, :6]), positions[:, :6],
-                               jnp.ones((1, 6), bool), cache)
-  steps = [np.asarray(logits)[0]]
-  for i in range(6, 10):
-    logits, cache = model.decode(jnp.asarray(tokens[:, i:i + 1]), positions[:, i:i + 1],
-                                 jnp.ones((1, 1), bool), cache)
-    steps.append(np.asarray(logits)[0])
-  np.testing.assert_allclose(np.concatenate(steps), full, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cached_logits(model, tokens, prefill=6), full, rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_generation_stops_at_eos_per_row():

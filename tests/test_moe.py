@@ -283,3 +283,102 @@ def test_tiny_deepseek_trains_with_mtp_and_logs_the_expert_load(tmp_path):
   assert train[-1]["aux/mtp_cross_entropy/0"] < train[0]["aux/mtp_cross_entropy/0"] - 0.5
   loads = [train[-1][f"aux/moe_layers/block/mlp/load_max/{i}"] for i in range(2)]
   assert all(1.0 <= v <= 16.0 for v in loads), loads  # max/mean of 16 experts
+
+
+# Expert parallelism ----------------------------------------------------------------------------
+
+
+def _lm_batch(batch_size=8, length=32, vocab=8128, seed=0):
+  rng = np.random.default_rng(seed)
+  segments = np.ones((batch_size, length), np.int32)
+  segments[1, 20:] = 2  # two documents packed in row 1
+  segments[2, 25:] = 0  # padding in row 2
+  return {"decoder_input_tokens": rng.integers(1, vocab, (batch_size, length)).astype(np.int32),
+          "decoder_target_tokens": rng.integers(1, vocab, (batch_size, length)).astype(np.int32),
+          "decoder_loss_weights": (segments != 0).astype(np.float32),
+          "decoder_segment_ids": segments,
+          "decoder_positions": np.broadcast_to(np.arange(length), (batch_size, length)).copy()}
+
+
+def test_expert_parallel_on_data2_expert4_equals_one_device_and_shards_the_experts():
+  """The tiny DeepSeek (MLA, 16 experts, MTP) trained 3 steps: dropless on one device against
+  expert_parallel on 8 fake devices (data 2 × expert 4): the same losses; each device holds
+  4 of the 16 experts' weights and the step exchanges slots by all-to-all."""
+  from pretrain_jax.objectives.causal_lm import causal_lm_loss
+  from pretrain_jax.training import partitioning, trainer
+
+  def train(dispatch, mesh):
+    cfg = _tiny_cfg(num_layers=2, hidden=64, dense_mlp_dim=128, max_positions=32)
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_dim=16,
+                                                           dispatch=dispatch))
+    setup = trainer.Setup(lambda seed: deepseek.DeepSeek(cfg, rngs=nnx.Rngs(seed)),
+                          causal_lm_loss, num_steps=10, mesh=mesh)
+    state, losses = setup.init_state(), []
+    for step in range(3):
+      state, metrics = setup.train_step(state, _lm_batch(seed=step))
+      losses.append(float(metrics["loss"][0] / metrics["loss"][1]))
+    return setup, state, losses
+
+  _, _, single = train("dropless", partitioning.make_mesh(num_devices=1))
+  mesh = partitioning.make_mesh(data=2, expert=4)
+  setup, state, parallel = train("expert_parallel", mesh)
+  print("1 device :", single, "\ndata 2 × expert 4:", parallel)
+  np.testing.assert_allclose(parallel, single, rtol=2e-5)
+  wi_gate = state.params["moe_layers"]["block"]["mlp"]["wi_gate"][...]
+  print("wi_gate", wi_gate.shape, wi_gate.sharding.spec, wi_gate.addressable_shards[0].data.shape)
+  assert wi_gate.shape == (1, 16, 64, 16)
+  assert {s.data.shape for s in wi_gate.addressable_shards} == {(1, 4, 64, 16)}
+  hlo = setup.compile_step(setup.batch_to_device(_lm_batch())).as_text()
+  assert "all-to-all" in hlo
+
+
+# MLA decoding ----------------------------------------------------------------------------------
+
+
+def _small_model(seed=0, **changes):
+  cfg = _tiny_cfg(num_layers=3, hidden=64, dense_mlp_dim=128, max_positions=64, vocab_size=64,
+                  **changes)
+  cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_dim=16))
+  return helpers.perturbed(deepseek.DeepSeek(cfg, rngs=nnx.Rngs(seed)), seed)
+
+
+def test_absorbed_latent_cache_decoding_equals_recomputation_for_a_ragged_batch():
+  """Prefill + one token at a time through the compressed cache (c_KV and k_R only, W_UK
+  absorbed into the queries): the logits of the full forward pass at every position, and
+  greedy generation of a left-padded batch equal to recomputing each row from scratch."""
+  from pretrain_jax.inference import decoding
+  model = _small_model(seed=1, mtp_depth=0)
+  tokens = np.random.default_rng(5).integers(1, 64, size=(1, 10))
+  full = np.asarray(model(jnp.asarray(tokens)))[0]
+  cache = model.init_cache(1, 10)
+  assert cache.keys[0].shape == (1, 1, 10, 1, 64) and cache.values[0].shape == (1, 1, 10, 1, 16)
+  np.testing.assert_allclose(helpers.cached_logits(model, tokens, prefill=6), full, rtol=1e-4,
+                             atol=1e-4)
+
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(1, 64, size=n).tolist() for n in (9, 1, 4)]
+  cached = decoding.generate(model, prompts, 8)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def last_logits(state, tokens_1W, length):  # right-padded: causal, so length - 1 is exact
+    segments_1W = (jnp.arange(tokens_1W.shape[1]) < length)[None].astype(jnp.int32)
+    logits = nnx.merge(graphdef, state)(tokens_1W, segment_ids_BL=segments_1W)
+    return logits[0, length - 1]
+
+  for prompt, generated in zip(prompts, cached):
+    sequence = list(prompt)
+    for _ in range(8):
+      padded = jnp.asarray([sequence + [0] * (17 - len(sequence))])
+      sequence.append(int(jnp.argmax(last_logits(state, padded, len(sequence)))))
+    assert generated == sequence[len(prompt):]
+
+
+def test_v3_cache_is_576_numbers_per_layer_against_mha_32768():
+  gin.clear_config()  # the dataclass defaults: V3's dimensions
+  cfg = deepseek.DeepSeekConfig(dtype="bfloat16")
+  model = nnx.eval_shape(lambda: deepseek.DeepSeek(cfg, rngs=nnx.Rngs(0)))
+  per_token = model.cache_bytes_per_token()
+  assert per_token == {"mla": 61 * (512 + 64) * 2, "mha": 61 * 2 * 128 * 128 * 2}
+  cache = jax.eval_shape(lambda: model.init_cache(1, 4))
+  assert sum(a.size for a in jax.tree.leaves((cache.keys, cache.values))) == 4 * 61 * 576

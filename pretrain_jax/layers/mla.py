@@ -6,7 +6,13 @@
     o = softmax([q_C; q_R] · [k_C; k_R]ᵀ / √(d_h + d_h^R)) v,   out = W_O o
 
 An inference cache needs only c_KV and k_R per token ((d_c + d_h^R) numbers against MHA's
-2 · H · d_h); `q_lora_rank` None projects the queries directly (V2-Lite).
+2 · H · d_h); `q_lora_rank` None projects the queries directly (V2-Lite). Decoding never
+up-projects the cache: W_UK is absorbed into the query and W_UV applied after the weighted sum,
+
+    q_C · k_C = (W_UKᵀ q_C) · c_KV,     Σ_s p_s v_s = W_UV Σ_s p_s c_KV,s
+
+so attention over the cache is multi-query attention with one key [c_KV; k_R] per token,
+value c_KV, and queries [W_UKᵀ q_C; q_R] (the same kernel, `dot_product_attention`).
 """
 
 from __future__ import annotations
@@ -64,6 +70,25 @@ class MultiHeadLatentAttention(nnx.Module):
     c_BLC = self.kv_norm(self.kv_down(x_BLD))
     k_rope_BLR = apply_rope(self.key_rope(x_BLD)[:, :, None], positions_BL, self.rope_theta)
     return c_BLC, k_rope_BLR[:, :, 0]
+
+  def decode(self, x_BLD, mask_B1LS, positions_BL, cache):
+    """L new tokens through a latent cache (c_KV [B, S, 1, d_c], k_R [B, S, 1, d_h^R], write
+    index): returns (output [B, L, D], the updated cache arrays)."""
+    latents_BSC, k_rope_BSR, index = cache
+    q_nope_BLHN, q_rope_BLHR = self.queries(x_BLD, positions_BL)
+    c_BLC, k_rope_BLR = self.latents(x_BLD, positions_BL)
+    write = lambda cache_BS1X, new_BLX: jax.lax.dynamic_update_slice(
+        cache_BS1X, new_BLX[:, :, None].astype(cache_BS1X.dtype), (0, index, 0, 0))
+    latents_BSC, k_rope_BSR = write(latents_BSC, c_BLC), write(k_rope_BSR, k_rope_BLR)
+    w_uk_CHN = self.key_up.kernel[...].astype(q_nope_BLHN.dtype)
+    q_absorbed_BLHC = jnp.einsum("blhn,chn->blhc", q_nope_BLHN, w_uk_CHN)
+    q_BLHK = jnp.concatenate([q_absorbed_BLHC, q_rope_BLHR], axis=-1)
+    k_BS1K = jnp.concatenate([latents_BSC, k_rope_BSR], axis=-1).astype(q_BLHK.dtype)
+    context_BLHC = dot_product_attention(q_BLHK, k_BS1K, latents_BSC.astype(q_BLHK.dtype),
+                                         mask_B1LS, scale=self.scale)
+    w_uv_CHV = self.value_up.kernel[...].astype(context_BLHC.dtype)
+    out_BLHV = jnp.einsum("blhc,chv->blhv", context_BLHC, w_uv_CHV)
+    return self.out(out_BLHV), (latents_BSC, k_rope_BSR)
 
   def __call__(self, x_BLD: jax.Array, mask_B1LS, positions_BL: jax.Array) -> jax.Array:
     """Training and scoring: keys and values up-projected from the latents."""

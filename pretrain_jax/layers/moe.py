@@ -16,28 +16,33 @@ past ceil(factor · T K_r / N_r) per expert; None (the default) is dropless.
 Dispatch, one answer three ways: 'dense' runs every expert on every token (a reference for
 tests); 'dropless' sorts the token-expert slots by expert and runs grouped matmuls, either
 `jax.lax.ragged_dot` (TPU/GPU kernels) or in row blocks of one expert each, padded per expert
-(`grouped_swiglu`: XLA:CPU's ragged_dot computes every group for every row).
+(`grouped_swiglu`: XLA:CPU's ragged_dot computes every group for every row);
+'expert_parallel' shards the experts over the mesh axis `expert` and, in `shard_map`, sends
+each slot to the rank holding its expert with a capacity-padded all-to-all, runs the local
+experts dropless, and sends the results back. Routing and statistics stay outside, global.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from pretrain_jax.errors import UserError
 from pretrain_jax.layers.linear import Dense, normal
 from pretrain_jax.layers.mlp import GatedMlp
-from pretrain_jax.layers.sharding import constrain
+from pretrain_jax.layers.sharding import active_spec, constrain
 from pretrain_jax.layers.variables import AuxLoss, AuxMetric
 
 ROUTERS = ("sigmoid", "softmax")
 BALANCE_LOSSES = ("none", "sequence", "batch")
-DISPATCHES = ("dropless", "dense")
+DISPATCHES = ("dropless", "dense", "expert_parallel")
 GROUPED_MATMULS = (None, "ragged_dot", "blocks")
 
 
@@ -66,7 +71,10 @@ class MoeConfig:
   balance_loss: str = "none"  # 'sequence' (V3, α = 1e-4) or 'batch' (Switch/GShard)
   balance_alpha: float = 1e-4
   capacity_factor: float | None = None  # None: dropless
-  dispatch: str = "dropless"  # or 'dense' (reference)
+  dispatch: str = "dropless"  # or 'dense' (reference), 'expert_parallel' (over mesh `expert`)
+  # expert_parallel: rows each rank sends each other rank, as a share of its T·K slots / ranks;
+  # None sends up to all T·K (never drops, costs ranks × the memory)
+  exchange_capacity: float | None = None
 
   def __post_init__(self):
     checks = [
@@ -230,9 +238,10 @@ class MoeMlp(nnx.Module):
       self.balance = AuxLoss(jnp.zeros(()))
 
   def __call__(self, x_BLD: jax.Array, valid_BL: jax.Array | None = None, *,
-               update_balance: bool = False) -> jax.Array:
+               update_balance: bool = False, record: bool = True) -> jax.Array:
     """`valid_BL` marks real tokens (padding neither counts as load nor gets experts);
-    `update_balance` applies the bias rule (training passes)."""
+    `update_balance` applies the bias rule (training passes); `record` False writes no
+    statistics (decoding, whose loop body may not write the model's Variables)."""
     cfg = self.cfg
     batch, length, features = x_BLD.shape
     valid_BL = jnp.ones((batch, length), bool) if valid_BL is None else valid_BL
@@ -247,11 +256,13 @@ class MoeMlp(nnx.Module):
         jnp.broadcast_to(valid_T[:, None], experts_TK.shape).astype(jnp.float32))
     if cfg.capacity_factor is not None:
       gates_TK, kept = self._drop_over_capacity(experts_TK, gates_TK, valid_T)
-      self.dropped[...] = 1.0 - kept / jnp.maximum(counts_E.sum(), 1.0)
-    mean_load = jnp.maximum(counts_E.mean(), 1e-9)
-    self.load_max[...] = counts_E.max() / mean_load
-    self.load_min[...] = counts_E.min() / mean_load
-    if cfg.balance_loss != "none":
+      if record:
+        self.dropped[...] = 1.0 - kept / jnp.maximum(counts_E.sum(), 1.0)
+    if record:
+      mean_load = jnp.maximum(counts_E.mean(), 1e-9)
+      self.load_max[...] = counts_E.max() / mean_load
+      self.load_min[...] = counts_E.min() / mean_load
+    if cfg.balance_loss != "none" and record:
       groups = batch if cfg.balance_loss == "sequence" else 1
       self.balance[...] = balance_loss(
           scores_TE.reshape(groups, -1, cfg.num_experts),
@@ -264,8 +275,9 @@ class MoeMlp(nnx.Module):
       self.bias[...] = self.bias[...] + rate * jnp.sign(counts_E.mean() - counts_E)
       self.bias_updates[...] = updates + 1
 
-    routed_TD = (self._dense(x_TD, experts_TK, gates_TK) if cfg.dispatch == "dense"
-                 else self._dropless(x_TD, experts_TK, gates_TK))
+    dispatch = {"dense": self._dense, "dropless": self._dropless,
+                "expert_parallel": self._expert_parallel}[cfg.dispatch]
+    routed_TD = dispatch(x_TD, experts_TK, gates_TK)
     y_TD = routed_TD.astype(x_BLD.dtype)
     if cfg.num_shared_experts:
       y_TD = y_TD + self.shared(x_TD[None])[0]
@@ -294,6 +306,26 @@ class MoeMlp(nnx.Module):
     weighted_SD = y_SD * gates_TK.reshape(-1)[order_S][:, None].astype(y_SD.dtype)
     return jnp.zeros_like(x_TD).at[token_S].add(weighted_SD)
 
+  def _expert_parallel(self, x_TD, experts_TK, gates_TK):
+    """Each rank of `expert` holds E / ranks experts and T / ranks tokens (over every batch
+    axis); slots travel to their expert's rank and back by all-to-all."""
+    mesh = jax.sharding.get_abstract_mesh()
+    tokens = active_spec(("batch", None))
+    if mesh.empty or "expert" not in mesh.axis_names or tokens is None:
+      raise UserError("MoeConfig.dispatch='expert_parallel' runs under a mesh with an "
+                      "'expert' axis (the trainer's make_mesh.expert); use 'dropless' here")
+    ranks = mesh.shape["expert"]
+    if self.cfg.num_experts % ranks:
+      raise UserError(f"MoeConfig.num_experts={self.cfg.num_experts} is not divisible by the "
+                      f"mesh's expert axis ({ranks})")
+    experts = PartitionSpec("expert", None, None)
+    capacity = self.cfg.exchange_capacity
+    run = functools.partial(_exchange_and_compute, ranks=ranks, capacity=capacity)
+    return jax.shard_map(run, mesh=mesh,
+                         in_specs=(tokens, tokens, tokens, experts, experts, experts),
+                         out_specs=tokens, check_vma=False)(
+                             x_TD, experts_TK, gates_TK, *self._weights(x_TD.dtype))
+
   def _drop_over_capacity(self, experts_TK, gates_TK, valid_T):
     """Gates of the slots past each expert's capacity set to 0, earlier tokens first."""
     cfg = self.cfg
@@ -303,3 +335,38 @@ class MoeMlp(nnx.Module):
     rank_S = jnp.sum((jnp.cumsum(chosen_SE, axis=0) - 1) * chosen_SE, axis=-1)
     keep_TK = (rank_S < capacity).reshape(experts_TK.shape) & valid_T[:, None]
     return jnp.where(keep_TK, gates_TK, 0.0), keep_TK.sum().astype(jnp.float32)
+
+
+def _exchange_and_compute(x_TD, experts_TK, gates_TK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
+                          ranks: int, capacity: float | None):
+  """One rank's part of expert parallelism: its T tokens' slots go to rank expert // E_local
+  (at most C per destination), its E_local experts run on what arrives, results return."""
+  tokens, top_k = experts_TK.shape
+  local_experts, features = wi_gate_EDF.shape[0], x_TD.shape[-1]
+  slots = tokens * top_k
+  per_rank = slots if capacity is None else max(1, math.ceil(capacity * slots / ranks))
+  expert_S = experts_TK.reshape(-1)
+  rank_S = expert_S // local_experts
+  sent_SR = jax.nn.one_hot(rank_S, ranks, dtype=jnp.int32)
+  order_S = jnp.sum((jnp.cumsum(sent_SR, axis=0) - 1) * sent_SR, axis=-1)  # among its rank's
+  keep_S = order_S < per_rank
+  row_S = jnp.where(keep_S, rank_S * per_rank + order_S, ranks * per_rank)  # past end: dropped
+  token_S = jnp.arange(slots) // top_k
+  send_x = jnp.zeros((ranks * per_rank, features), x_TD.dtype).at[row_S].set(
+      x_TD[token_S], mode="drop")
+  send_e = jnp.full((ranks * per_rank,), local_experts, jnp.int32).at[row_S].set(
+      expert_S % local_experts, mode="drop")  # local_experts marks an empty row
+  exchange = lambda a: jax.lax.all_to_all(a.reshape(ranks, per_rank, *a.shape[1:]), "expert",
+                                          0, 0).reshape(ranks * per_rank, *a.shape[1:])
+  recv_x, recv_e = exchange(send_x), exchange(send_e)
+  # Dropless over the local experts; empty rows go to a zero expert appended at the end.
+  pad = lambda w: jnp.concatenate([w, jnp.zeros((1, *w.shape[1:]), w.dtype)])
+  order = jnp.argsort(recv_e, stable=True)
+  sizes = jnp.bincount(recv_e, length=local_experts + 1)
+  y_sorted = grouped_swiglu(recv_x[order], pad(wi_gate_EDF), pad(wi_up_EDF), pad(wo_EFD),
+                            sizes)
+  y_rows = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+  back = exchange(y_rows)
+  y_SD = back.at[row_S].get(mode="fill", fill_value=0) * jnp.where(
+      keep_S, gates_TK.reshape(-1), 0.0)[:, None].astype(back.dtype)
+  return jnp.zeros_like(x_TD).at[token_S].add(y_SD)

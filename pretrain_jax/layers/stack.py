@@ -64,7 +64,9 @@ class Stack(nnx.Module):
     self.remat_policy = remat_policy
 
   def __call__(self, x: Any, *args, xs: Any = None, rngs: nnx.Rngs | None = None,
-               **kwargs) -> tuple[Any, Any]:
+               write_state: bool = True, **kwargs) -> tuple[Any, Any]:
+    """(x after every layer, the layers' stacked second outputs). `write_state` False leaves
+    the layers' non-gradient state as it was (decoding loops, which may not write it)."""
     graphdef, params, other = nnx.split(self.block, nnx.Param, ...)
     key = rngs.dropout() if rngs is not None else None
 
@@ -88,7 +90,8 @@ class Stack(nnx.Module):
         x, out = body(x, jax.tree.map(lambda a, i=i: a[i], inputs))
         outputs.append(out)
       other, ys = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
-    nnx.update(self.block, other)  # non-gradient state the layers wrote (counters, AuxLoss)
+    if write_state:  # non-gradient state the layers wrote (counters, AuxLoss)
+      nnx.update(self.block, other)
     return x, ys
 
   def layer(self, i: int) -> nnx.Module:

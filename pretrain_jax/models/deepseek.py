@@ -26,6 +26,7 @@ from flax import nnx
 
 from pretrain_jax.errors import UserError
 from pretrain_jax.layers.attention import SegmentMask
+from pretrain_jax.layers.kv_cache import KVCache
 from pretrain_jax.layers.linear import Dense, Embed, RMSNorm
 from pretrain_jax.layers.mla import MultiHeadLatentAttention
 from pretrain_jax.layers.mlp import GatedMlp
@@ -101,12 +102,21 @@ class DeepSeekLayer(nnx.Module):
     self.mlp = (MoeMlp(cfg.hidden, cfg.moe, **common) if moe
                 else GatedMlp(cfg.hidden, cfg.dense_mlp_dim, jax.nn.silu, **common))
 
-  def __call__(self, h_BLD, mask, positions_BL, valid_BL, xs=None, *, rngs=None):
-    h_BLD = h_BLD + self.attention(self.attention_norm(h_BLD), mask, positions_BL)
+  def __call__(self, h_BLD, mask, positions_BL, valid_BL, cache=None, *, index=None,
+               rngs=None):
+    """(h, this layer's updated latent cache when decoding through `cache`, else None)."""
+    x_BLD = self.attention_norm(h_BLD)
+    if cache is None:
+      a_BLD, new_cache = self.attention(x_BLD, mask, positions_BL), None
+    else:
+      a_BLD, new_cache = self.attention.decode(x_BLD, mask, positions_BL, (*cache, index))
+    h_BLD = h_BLD + a_BLD
     x_BLD = self.mlp_norm(h_BLD)
-    h_BLD = h_BLD + (self.mlp(x_BLD, valid_BL, update_balance=rngs is not None) if self.is_moe
-                     else self.mlp(x_BLD))
-    return constrain(h_BLD, ("batch", "length", "act_embed")), None
+    if self.is_moe:
+      y_BLD = self.mlp(x_BLD, valid_BL, update_balance=rngs is not None, record=cache is None)
+    else:
+      y_BLD = self.mlp(x_BLD)
+    return constrain(h_BLD + y_BLD, ("batch", "length", "act_embed")), new_cache
 
 
 class MtpModule(nnx.Module):
@@ -150,13 +160,21 @@ class DeepSeek(nnx.Module):
       self.mtp_cross_entropy = AuxMetric(jnp.zeros((cfg.mtp_depth,)), reduce="each")
       self.training_passes = TrainingPasses(jnp.zeros((), jnp.int32))
 
-  def hidden_states(self, tokens_BL, positions_BL, mask, valid_BL, rngs=None):
-    """The main stack's output [B, L, D], before the final norm."""
+  def _stacks(self):
+    return [getattr(self, n) for n in ("dense_layers", "moe_layers") if hasattr(self, n)]
+
+  def hidden_states(self, tokens_BL, positions_BL, mask, valid_BL, cache=None, rngs=None):
+    """The main stack's output [B, L, D], before the final norm, and, decoding through
+    `cache`, each stack's updated (latents, RoPE keys)."""
     h_BLD = constrain(self.token_embed(tokens_BL), ("batch", "length", "act_embed"))
-    for name in ("dense_layers", "moe_layers"):
-      if hasattr(self, name):
-        h_BLD, _ = getattr(self, name)(h_BLD, mask, positions_BL, valid_BL, rngs=rngs)
-    return h_BLD
+    written = []
+    for j, stack in enumerate(self._stacks()):
+      h_BLD, kv = stack(h_BLD, mask, positions_BL, valid_BL, rngs=rngs,
+                        xs=None if cache is None else (cache.keys[j], cache.values[j]),
+                        index=None if cache is None else cache.index,
+                        write_state=cache is None)
+      written.append(kv)
+    return h_BLD, written
 
   def logits(self, h_BLD):
     """Vocabulary logits of final hidden states (the final norm already applied)."""
@@ -175,7 +193,7 @@ class DeepSeek(nnx.Module):
       positions_BL = jnp.broadcast_to(jnp.arange(length), tokens_BL.shape)
     mask = SegmentMask(segment_ids_BL, segment_ids_BL, causal=True)
     valid_BL = segment_ids_BL != 0
-    h_BLD = self.hidden_states(tokens_BL, positions_BL, mask, valid_BL, rngs=rngs)
+    h_BLD, _ = self.hidden_states(tokens_BL, positions_BL, mask, valid_BL, rngs=rngs)
     if self.cfg.mtp_depth:
       self._multi_token_prediction(h_BLD, tokens_BL, segment_ids_BL, positions_BL, mask,
                                    valid_BL, rngs)
@@ -205,6 +223,36 @@ class DeepSeek(nnx.Module):
     self.mtp_cross_entropy[...] = jax.lax.stop_gradient(losses_D)
     if rngs is not None:
       self.training_passes[...] = passes + 1
+
+  # Incremental decoding (the MTP modules are not used) ----------------------------------------
+
+  def init_cache(self, batch: int, slots: int) -> KVCache:
+    """MLA's compressed cache: per layer and token, c_KV (as the cache's keys) and the shared
+    RoPE key k_R (as its values), one "head" each."""
+    if slots > self.cfg.max_positions:
+      raise UserError(f"a cache of {slots} slots exceeds DeepSeekConfig.max_positions="
+                      f"{self.cfg.max_positions}: generate fewer tokens or raise it")
+    layers = [n for n in (self.cfg.num_dense_layers, self.cfg.num_moe_layers) if n]
+    return KVCache.zeros(batch, slots, layers, 1, self.cfg.kv_lora_rank,
+                         v_head_dim=self.cfg.qk_rope_dim, dtype=self.cfg.dtype)
+
+  def decode(self, tokens_BL, positions_BL, valid_BL, cache: KVCache, last_only: bool = False):
+    """L new tokens (a prompt, or one sampled token) through the cache: (logits, cache)."""
+    mask_B1LS, valid_BS = cache.attend(valid_BL)
+    h_BLD, written = self.hidden_states(tokens_BL, positions_BL, mask_B1LS, valid_BL, cache)
+    new_cache = cache.advance([kv[0] for kv in written], [kv[1] for kv in written], valid_BS,
+                              tokens_BL.shape[1])
+    h_BLD = self.final_norm(h_BLD[:, -1:] if last_only else h_BLD)
+    return self.logits(h_BLD), new_cache
+
+  def cache_bytes_per_token(self) -> dict[str, int]:
+    """Cache bytes per token (compute dtype) against multi-head attention of the same heads
+    and head size: (d_c + d_h^R) per layer against 2 · H · d_h."""
+    cfg = self.cfg
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    mla = cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_dim) * itemsize
+    mha = cfg.num_layers * 2 * cfg.num_heads * cfg.v_head_dim * itemsize
+    return {"mla": mla, "mha": mha}
 
   # Accounting ------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from pretrain_jax.errors import UserError
 from pretrain_jax.layers.sharding import activation_rules, constrain, logical_to_spec  # pylint: disable=unused-import
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")  # expert-parallel ranks hold different tokens too
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 # Parameters: layers (the stacked axis of a scanned stack), vocab, embed, mlp, heads, kv,
@@ -121,7 +121,7 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: dict):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Batches are split over data x fsdp along their first dimension."""
+  """Batches are split over data x fsdp x expert along their first dimension."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
