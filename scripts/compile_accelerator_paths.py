@@ -97,7 +97,7 @@ def main():
   chosen = [v for v in variants() if not args.variants or v[0] in args.variants.split(",")]
   devices = aot.topology_devices(args.topology)
   print(f"# {machine_line()}; compiling for {args.topology}: {len(devices)} x "
-        f"{aot.device_kind(devices)}, data-parallel, batch {args.batch_size} x {args.seq_len}",
+        f"{devices[0].device_kind}, data-parallel, batch {args.batch_size} x {args.seq_len}",
         file=sys.stderr, flush=True)
   rows = []
   for model in args.models.split(","):
@@ -110,7 +110,7 @@ def main():
       rows.append({"model": model, "variant": name, **r})
       print(f"# {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
   tokens = args.batch_size * args.seq_len / len(devices)
-  print(f"\n{args.topology} ({len(devices)} x {aot.device_kind(devices)}), global batch "
+  print(f"\n{args.topology} ({len(devices)} x {devices[0].device_kind}), global batch "
         f"{args.batch_size} x {args.seq_len}, layers {'unrolled' if args.unroll else 'scanned'}"
         ", per device:\n")
   print("| model | variant | arguments (MiB) | temporaries (MiB) | peak (MiB) | XLA GFLOP "

@@ -134,6 +134,14 @@ def balance_loss(scores_NTE: jax.Array, experts_NTK: jax.Array, valid_NT: jax.Ar
   return alpha * jnp.mean(jnp.sum(f_NE * p_NE, -1))
 
 
+def rank_within(ids_S: jax.Array, num_ids: int, weights_S: jax.Array | None = None):
+  """For each slot, how many earlier slots carry the same id (the slot's place in its queue)."""
+  same_SI = jax.nn.one_hot(ids_S, num_ids, dtype=jnp.int32)
+  if weights_S is not None:
+    same_SI = same_SI * weights_S[:, None]
+  return jnp.sum((jnp.cumsum(same_SI, axis=0) - 1) * same_SI, axis=-1)
+
+
 # Expert FFNs -----------------------------------------------------------------------------------
 
 
@@ -211,7 +219,7 @@ class MoeMlp(nnx.Module):
   def __init__(self, features: int, cfg: MoeConfig, *, init_std: float = 0.02,
                out_init_std: float | None = None, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
-    self.cfg, self.dtype = cfg, dtype
+    self.cfg = cfg
     e, f = cfg.num_experts, cfg.expert_dim
 
     def expert_kernel(shape, axes, std):
@@ -330,9 +338,8 @@ class MoeMlp(nnx.Module):
     """Gates of the slots past each expert's capacity set to 0, earlier tokens first."""
     cfg = self.cfg
     capacity = math.ceil(cfg.capacity_factor * experts_TK.size / cfg.num_experts)
-    chosen_SE = (jax.nn.one_hot(experts_TK.reshape(-1), cfg.num_experts, dtype=jnp.int32)
-                 * jnp.repeat(valid_T, cfg.top_k)[:, None])
-    rank_S = jnp.sum((jnp.cumsum(chosen_SE, axis=0) - 1) * chosen_SE, axis=-1)
+    rank_S = rank_within(experts_TK.reshape(-1), cfg.num_experts,
+                         jnp.repeat(valid_T, cfg.top_k).astype(jnp.int32))
     keep_TK = (rank_S < capacity).reshape(experts_TK.shape) & valid_T[:, None]
     return jnp.where(keep_TK, gates_TK, 0.0), keep_TK.sum().astype(jnp.float32)
 
@@ -347,8 +354,7 @@ def _exchange_and_compute(x_TD, experts_TK, gates_TK, wi_gate_EDF, wi_up_EDF, wo
   per_rank = slots if capacity is None else max(1, math.ceil(capacity * slots / ranks))
   expert_S = experts_TK.reshape(-1)
   rank_S = expert_S // local_experts
-  sent_SR = jax.nn.one_hot(rank_S, ranks, dtype=jnp.int32)
-  order_S = jnp.sum((jnp.cumsum(sent_SR, axis=0) - 1) * sent_SR, axis=-1)  # among its rank's
+  order_S = rank_within(rank_S, ranks)  # among the slots sent to the same rank
   keep_S = order_S < per_rank
   row_S = jnp.where(keep_S, rank_S * per_rank + order_S, ranks * per_rank)  # past end: dropped
   token_S = jnp.arange(slots) // top_k

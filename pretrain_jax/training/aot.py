@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import jax
 from jax.experimental import topologies
 
 from pretrain_jax.errors import UserError
@@ -51,6 +50,3 @@ def report(compiled) -> dict:
                        - out["alias_bytes"])
   return out
 
-
-def device_kind(devices) -> str:
-  return devices[0].device_kind if devices else jax.devices()[0].device_kind
