@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pretrain_jax.layers.precision import dot_general_for
+from pretrain_jax.layers.precision import dot_general, dot_general_for
 
 
 def normal(stddev: float):
@@ -19,11 +19,12 @@ class Dense(nnx.LinearGeneral):
 
   Multi-dimensional in/out features keep heads as their own axis (`embed -> heads x kv`), so
   the tensor-parallel rule can split heads without reshapes. `role` picks the matmul from the
-  precision policy.
+  precision policy; None keeps full precision whatever the policy (the MoE router, whose
+  choices are discrete).
   """
 
   def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int],
-               axes: Sequence[str | None], *, role: str, use_bias: bool = True,
+               axes: Sequence[str | None], *, role: str | None, use_bias: bool = True,
                init_std: float = 0.02, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
@@ -35,7 +36,7 @@ class Dense(nnx.LinearGeneral):
         use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nnx.with_partitioning(normal(init_std), axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[len(in_features):]),
-        dot_general=dot_general_for(role), rngs=rngs)
+        dot_general=dot_general_for(role) if role else dot_general, rngs=rngs)
 
 
 class Embed(nnx.Embed):

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec
 from pretrain_jax.errors import UserError
 from pretrain_jax.layers.linear import Dense, normal
 from pretrain_jax.layers.mlp import GatedMlp
+from pretrain_jax.layers.precision import dot_general_for
 from pretrain_jax.layers.sharding import active_spec, constrain
 from pretrain_jax.layers.variables import AuxLoss, AuxMetric
 
@@ -152,7 +153,8 @@ def swiglu(x, wi_gate, wi_up, wo, matmul):
 
 @gin.configurable(allowlist=["implementation", "block_rows"])
 def grouped_swiglu(x_ND: jax.Array, wi_gate_EDF, wi_up_EDF, wo_EFD, group_sizes_E: jax.Array,
-                   *, implementation: str | None = None, block_rows: int = 32) -> jax.Array:
+                   *, implementation: str | None = None, block_rows: int = 32,
+                   dot_general=jax.lax.dot_general) -> jax.Array:
   """Rows sorted by expert (the first group_sizes[0] rows go to expert 0, …) through their
   expert's SwiGLU: grouped matmuls.
 
@@ -160,7 +162,8 @@ def grouped_swiglu(x_ND: jax.Array, wi_gate_EDF, wi_up_EDF, wo_EFD, group_sizes_
   places each expert's rows in whole blocks of `block_rows` (zero-padded) and multiplies block
   by block with the block's expert's weights gathered: at most N + E · block_rows rows of work,
   where XLA:CPU's ragged_dot computes every expert for every row (E · N). None: 'blocks' on
-  CPU, 'ragged_dot' elsewhere.
+  CPU, 'ragged_dot' elsewhere. `dot_general` is the 'mlp' role's matmul (FP8 quantises the
+  experts too: its `ragged_dot` method, where it has one, replaces lax.ragged_dot).
   """
   if implementation not in GROUPED_MATMULS:
     raise UserError(f"grouped_swiglu.implementation={implementation!r}; valid: "
@@ -169,11 +172,13 @@ def grouped_swiglu(x_ND: jax.Array, wi_gate_EDF, wi_up_EDF, wo_EFD, group_sizes_
     implementation = "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
   weights = (wi_gate_EDF, wi_up_EDF, wo_EFD)
   if implementation == "ragged_dot":
-    return swiglu(x_ND, *weights, lambda x, w: jax.lax.ragged_dot(x, w, group_sizes_E))
+    ragged_dot = getattr(dot_general, "ragged_dot", jax.lax.ragged_dot)
+    return swiglu(x_ND, *weights, lambda x, w: ragged_dot(x, w, group_sizes_E))
   layout = BlockLayout.of(group_sizes_E, x_ND.shape[0], block_rows)
   expert_n = layout.block_group_n
+  per_block = (((2,), (1,)), ((0,), (0,)))  # nbk, nkf -> nbf
   y_nbD = swiglu(layout.scatter(x_ND), *weights,
-                 lambda x_nbK, w_EKF: jnp.einsum("nbk,nkf->nbf", x_nbK, w_EKF[expert_n]))
+                 lambda x_nbK, w_EKF: dot_general(x_nbK, w_EKF[expert_n], per_block))
   return layout.gather(y_nbD)
 
 
@@ -226,7 +231,7 @@ class MoeMlp(nnx.Module):
       return nnx.Param(nnx.with_partitioning(normal(std), axes)(rngs.params(), shape,
                                                                 param_dtype))
 
-    self.router = Dense(features, e, ("embed", None), role="mlp", use_bias=False,
+    self.router = Dense(features, e, ("embed", None), role=None, use_bias=False,
                         init_std=init_std, dtype=jnp.float32, rngs=rngs)
     self.wi_gate = expert_kernel((e, features, f), ("expert", "embed", "mlp"), init_std)
     self.wi_up = expert_kernel((e, features, f), ("expert", "embed", "mlp"), init_std)
@@ -236,6 +241,7 @@ class MoeMlp(nnx.Module):
       self.shared = GatedMlp(features, cfg.num_shared_experts * f, jax.nn.silu,
                              init_std=init_std, out_init_std=out_init_std, dtype=dtype,
                              param_dtype=param_dtype, rngs=rngs)
+    self.expert_dot_general = dot_general_for("mlp")
     self.bias = RouterBias(jnp.zeros((e,), jnp.float32))
     self.bias_updates = BalanceUpdates(jnp.zeros((), jnp.int32))
     self.load_max = AuxMetric(jnp.zeros(()), reduce="each")  # max_i load_i / mean load
@@ -297,8 +303,9 @@ class MoeMlp(nnx.Module):
   def _dense(self, x_TD, experts_TK, gates_TK):
     """Every expert on every token, weighted by the gates (zero where not chosen)."""
     x_ETD = jnp.broadcast_to(x_TD, (self.cfg.num_experts, *x_TD.shape))
+    per_expert = (((2,), (1,)), ((0,), (0,)))  # etk, ekf -> etf
     y_ETD = swiglu(x_ETD, *self._weights(x_TD.dtype),
-                   lambda x_ETK, w_EKF: jnp.einsum("etk,ekf->etf", x_ETK, w_EKF))
+                   lambda x_ETK, w_EKF: self.expert_dot_general(x_ETK, w_EKF, per_expert))
     combine_TE = jnp.zeros((x_TD.shape[0], self.cfg.num_experts), jnp.float32).at[
         jnp.arange(x_TD.shape[0])[:, None], experts_TK].add(gates_TK)
     return jnp.einsum("te,etd->td", combine_TE.astype(y_ETD.dtype), y_ETD)
@@ -310,7 +317,8 @@ class MoeMlp(nnx.Module):
     order_S = jnp.argsort(expert_S, stable=True)
     token_S = order_S // top_k
     group_sizes_E = jnp.bincount(expert_S, length=self.cfg.num_experts)
-    y_SD = grouped_swiglu(x_TD[token_S], *self._weights(x_TD.dtype), group_sizes_E)
+    y_SD = grouped_swiglu(x_TD[token_S], *self._weights(x_TD.dtype), group_sizes_E,
+                          dot_general=self.expert_dot_general)
     weighted_SD = y_SD * gates_TK.reshape(-1)[order_S][:, None].astype(y_SD.dtype)
     return jnp.zeros_like(x_TD).at[token_S].add(weighted_SD)
 
@@ -328,7 +336,8 @@ class MoeMlp(nnx.Module):
                       f"mesh's expert axis ({ranks})")
     experts = PartitionSpec("expert", None, None)
     capacity = self.cfg.exchange_capacity
-    run = functools.partial(_exchange_and_compute, ranks=ranks, capacity=capacity)
+    run = functools.partial(_exchange_and_compute, ranks=ranks, capacity=capacity,
+                            dot_general=self.expert_dot_general)
     return jax.shard_map(run, mesh=mesh,
                          in_specs=(tokens, tokens, tokens, experts, experts, experts),
                          out_specs=tokens, check_vma=False)(
@@ -345,7 +354,7 @@ class MoeMlp(nnx.Module):
 
 
 def _exchange_and_compute(x_TD, experts_TK, gates_TK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
-                          ranks: int, capacity: float | None):
+                          ranks: int, capacity: float | None, dot_general):
   """One rank's part of expert parallelism: its T tokens' slots go to rank expert // E_local
   (at most C per destination), its E_local experts run on what arrives, results return."""
   tokens, top_k = experts_TK.shape
@@ -370,7 +379,7 @@ def _exchange_and_compute(x_TD, experts_TK, gates_TK, wi_gate_EDF, wi_up_EDF, wo
   order = jnp.argsort(recv_e, stable=True)
   sizes = jnp.bincount(recv_e, length=local_experts + 1)
   y_sorted = grouped_swiglu(recv_x[order], pad(wi_gate_EDF), pad(wi_up_EDF), pad(wo_EFD),
-                            sizes)
+                            sizes, dot_general=dot_general)
   y_rows = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
   back = exchange(y_rows)
   y_SD = back.at[row_S].get(mode="fill", fill_value=0) * jnp.where(
