@@ -59,6 +59,10 @@ class DeepSeekConfig:
   rope_theta: float = 10_000.0
   max_positions: int = 4096  # RoPE has no table: bounds caches and checks only
   moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+  # None: the layers after the first k (and each MTP block) are DeepSeekMoE. A width: they are
+  # dense SwiGLUs of it instead, everything else unchanged (`moe` unused): the dense baselines
+  # DeepSeekMoE is compared with at equal activated or total parameters (scripts/moe_vs_dense.py)
+  moe_layer_dense_dim: int | None = None
   mtp_depth: int = 1  # D; 0: no multi-token prediction
   mtp_weight: float = 0.3  # λ
   mtp_weight_late: float = 0.1
@@ -75,6 +79,8 @@ class DeepSeekConfig:
     checks = [(0 <= self.num_dense_layers <= self.num_layers,
                f"num_dense_layers={self.num_dense_layers} must be in 0 … num_layers="
                f"{self.num_layers}"),
+              (self.moe_layer_dense_dim is None or self.moe_layer_dense_dim > 0,
+               f"moe_layer_dense_dim={self.moe_layer_dense_dim} must be positive (or None)"),
               (self.mtp_depth >= 0, f"mtp_depth={self.mtp_depth} must be ≥ 0"),
               (self.qk_rope_dim % 2 == 0, f"qk_rope_dim={self.qk_rope_dim} must be even")]
     for ok, message in checks:
@@ -83,11 +89,15 @@ class DeepSeekConfig:
 
   @property
   def num_moe_layers(self) -> int:
+    """Layers after the first k: DeepSeekMoE, or dense of moe_layer_dense_dim."""
     return self.num_layers - self.num_dense_layers
 
 
 class DeepSeekLayer(nnx.Module):
-  """Pre-RMSNorm MLA, then a dense SwiGLU or a DeepSeekMoE feed-forward."""
+  """Pre-RMSNorm MLA, then a dense SwiGLU or a DeepSeekMoE feed-forward.
+
+  `moe`: a layer after the first k, DeepSeekMoE unless cfg.moe_layer_dense_dim makes it dense.
+  """
 
   def __init__(self, cfg: DeepSeekConfig, moe: bool, *, rngs: nnx.Rngs):
     common = dict(init_std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
@@ -98,9 +108,10 @@ class DeepSeekLayer(nnx.Module):
         qk_nope_dim=cfg.qk_nope_dim, qk_rope_dim=cfg.qk_rope_dim, v_head_dim=cfg.v_head_dim,
         rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, **common)
     self.mlp_norm = RMSNorm(cfg.hidden, **norm)
-    self.is_moe = moe
-    self.mlp = (MoeMlp(cfg.hidden, cfg.moe, **common) if moe
-                else GatedMlp(cfg.hidden, cfg.dense_mlp_dim, jax.nn.silu, **common))
+    self.is_moe = moe and cfg.moe_layer_dense_dim is None
+    width = cfg.moe_layer_dense_dim if moe else cfg.dense_mlp_dim
+    self.mlp = (MoeMlp(cfg.hidden, cfg.moe, **common) if self.is_moe
+                else GatedMlp(cfg.hidden, width, jax.nn.silu, **common))
 
   def __call__(self, h_BLD, mask, positions_BL, valid_BL, cache=None, *, index=None,
                rngs=None):
@@ -271,7 +282,8 @@ def deepseek(seed: int, cfg: DeepSeekConfig = gin.REQUIRED) -> DeepSeek:
 
 
 def _layer_params(cfg: DeepSeekConfig) -> dict[str, int]:
-  """Parameters of one layer's parts: attention (with its norm), dense FFN, MoE pieces."""
+  """Parameters of one layer's parts: attention (with its norms), the first k layers' dense
+  FFN, and the later layers' FFN: all of it and what one token activates."""
   d, h = cfg.hidden, cfg.num_heads
   qk = cfg.qk_nope_dim + cfg.qk_rope_dim
   queries = (d * h * qk if cfg.q_lora_rank is None
@@ -279,11 +291,14 @@ def _layer_params(cfg: DeepSeekConfig) -> dict[str, int]:
   c = cfg.kv_lora_rank
   attention = (queries + d * c + c + d * cfg.qk_rope_dim + c * h * cfg.qk_nope_dim
                + c * h * cfg.v_head_dim + h * cfg.v_head_dim * d)
-  m = cfg.moe
+  m, width = cfg.moe, cfg.moe_layer_dense_dim
   expert = 3 * d * m.expert_dim
+  always = d * m.num_experts + m.num_shared_experts * expert  # router, shared experts
+  later = ((3 * d * width,) * 2 if width is not None
+           else (always + m.num_experts * expert, always + m.top_k * expert))
   return {"attention": attention + 2 * d,  # + the attention and MLP norms
-          "dense_mlp": 3 * d * cfg.dense_mlp_dim, "router": d * m.num_experts,
-          "shared": m.num_shared_experts * expert, "expert": expert}
+          "dense_mlp": 3 * d * cfg.dense_mlp_dim, "moe_ffn": later[0],
+          "moe_ffn_activated": later[1]}
 
 
 def param_counts(cfg: DeepSeekConfig) -> dict[str, int]:
@@ -293,17 +308,14 @@ def param_counts(cfg: DeepSeekConfig) -> dict[str, int]:
   experts, and one row of the embedding table, which is looked up (the DeepSeek papers'
   convention: V2-Lite's 2.4B of 15.7B comes out as 2.45B here, V3's 37B of 671B as 36.6B).
   """
-  p, m = _layer_params(cfg), cfg.moe
+  p = _layer_params(cfg)
   dense_layer = p["attention"] + p["dense_mlp"]
-  moe_common = p["attention"] + p["router"] + p["shared"]
+  moe_layer, moe_active = p["attention"] + p["moe_ffn"], p["attention"] + p["moe_ffn_activated"]
   embeddings = 2 * cfg.vocab_size * cfg.hidden + cfg.hidden  # embedding, head, final norm
-  main_total = (cfg.num_dense_layers * dense_layer
-                + cfg.num_moe_layers * (moe_common + m.num_experts * p["expert"]) + embeddings)
-  main_active = (cfg.num_dense_layers * dense_layer
-                 + cfg.num_moe_layers * (moe_common + m.top_k * p["expert"]) + embeddings
-                 - (cfg.vocab_size - 1) * cfg.hidden)
-  block_total, block_active = ((moe_common + m.num_experts * p["expert"],
-                                moe_common + m.top_k * p["expert"]) if cfg.num_moe_layers
+  main_total = cfg.num_dense_layers * dense_layer + cfg.num_moe_layers * moe_layer + embeddings
+  main_active = (cfg.num_dense_layers * dense_layer + cfg.num_moe_layers * moe_active
+                 + embeddings - (cfg.vocab_size - 1) * cfg.hidden)
+  block_total, block_active = ((moe_layer, moe_active) if cfg.num_moe_layers
                                else (dense_layer, dense_layer))
   mtp_extra = 3 * cfg.hidden + 2 * cfg.hidden * cfg.hidden  # norms, projection
   return {"total": main_total, "activated": main_active,
@@ -314,10 +326,10 @@ def param_counts(cfg: DeepSeekConfig) -> dict[str, int]:
 def flops_per_token(cfg: DeepSeekConfig, seq_len: int) -> float:
   """Training FLOPs per token: 6 × (activated matmul parameters + causal attention), the MTP
   modules (block, projection, head) included."""
-  p, m = _layer_params(cfg), cfg.moe
+  p = _layer_params(cfg)
   d, h = cfg.hidden, cfg.num_heads
   attention = h * (cfg.qk_nope_dim + cfg.qk_rope_dim + cfg.v_head_dim) * seq_len / 2
-  moe_layer = p["attention"] + p["router"] + p["shared"] + m.top_k * p["expert"] + attention
+  moe_layer = p["attention"] + p["moe_ffn_activated"] + attention
   dense_layer = p["attention"] + p["dense_mlp"] + attention
   block = moe_layer if cfg.num_moe_layers else dense_layer
   head = d * cfg.vocab_size
