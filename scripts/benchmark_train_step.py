@@ -2,11 +2,11 @@
 
 A `--models` entry is a BERT size (`tiny`, `mini`, `small`, ...: `models/bert_<name>.gin` +
 `objectives/bert.gin` + `runs/pretrain.gin`) or a decoder config (`gpt_tiny`,
-`modern_decoder_tiny`, `gpt2_small`, ...: `models/<name>.gin` + `objectives/causal_lm.gin` +
-`runs/gpt_pretrain.gin`, max_positions raised to the sequence length if needed) or a T5
-config (`t5_tiny`, `t5_small`, ...: `models/<name>.gin` + `objectives/t5_span_corruption.gin` +
-`runs/t5_pretrain.gin`, encoder inputs of seq_len and targets of seq_len / 4; tokens/s counts
-both).
+`modern_decoder_tiny`, `gpt2_small`, `deepseek_tiny`, ...: `models/<name>.gin` +
+`objectives/causal_lm.gin` + `runs/gpt_pretrain.gin`, max_positions raised to the sequence
+length if needed) or a T5 config (`t5_tiny`, `t5_small`, ...: `models/<name>.gin` +
+`objectives/t5_span_corruption.gin` + `runs/t5_pretrain.gin`, encoder inputs of seq_len and
+targets of seq_len / 4; tokens/s counts both).
 
 For each model config and compute dtype: build the real `trainer.Setup` (AdamW, MLM + NSP or
 causal LM loss, data-parallel mesh over the visible devices), pre-fetch a few real host batches
@@ -67,6 +67,12 @@ PEER_SHAPES = {
         "T5Config.vocab_size = 32128", "T5Config.d_model = 256", "T5Config.d_ff = 1024",
         "T5Config.d_kv = 64", "T5Config.num_layers = 4", "T5Config.mlp = 'relu'",
         "T5Config.tie_embeddings = True", "T5Config.dropout_rate = 0.1")),
+    "hf_deepseek_v3": ("deepseek_tiny", (
+        "DeepSeekConfig.vocab_size = 32000", "DeepSeekConfig.num_layers = 2",
+        "DeepSeekConfig.dense_mlp_dim = 1024", "DeepSeekConfig.mtp_depth = 0",
+        "MoeConfig.num_experts = 8", "MoeConfig.top_k = 2", "MoeConfig.expert_dim = 256",
+        "MoeConfig.num_groups = 1", "MoeConfig.top_groups = 1",
+        "MoeConfig.bias_update_rate = 0.0")),  # transformers keeps its router bias fixed
 }
 
 
@@ -93,10 +99,11 @@ def configure_model(model: str, dtype: str, seq_len: int) -> None:
               ["T5Config.vocab_size = 8128", f"T5Config.dtype = '{dtype}'",
                f"feature_lengths.targets_length = {seq_len // 4}"])
     return
+  cfg = "DeepSeekConfig" if name.startswith("deepseek") else "GptConfig"
   configure([f"models/{name}.gin", "objectives/causal_lm.gin", "runs/gpt_pretrain.gin"],
-            ["GptConfig.vocab_size = 8128", f"GptConfig.dtype = '{dtype}'"])
-  if bound("GptConfig.max_positions") < seq_len:  # learned position tables stop there
-    configure([], [f"GptConfig.max_positions = {seq_len}"])
+            [f"{cfg}.vocab_size = 8128", f"{cfg}.dtype = '{dtype}'"])
+  if bound(f"{cfg}.max_positions") < seq_len:  # learned position tables stop there
+    configure([], [f"{cfg}.max_positions = {seq_len}"])
 
 
 class Bench:

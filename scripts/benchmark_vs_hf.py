@@ -1,16 +1,23 @@
 """Benchmark: our train step against Hugging Face transformers' at identical shapes, one run.
 
-Four presets (batch 32 x 128, fp32, random init; `benchmark_train_step.PEER_SHAPES` has our
-side's configs), each trained by our real train step (`benchmark_train_step.py`'s `Bench`: gin
-configs, trainer.Setup, AdamW + clipping) and by the transformers model of the same shape and
-parameter count (AdamW, clip 1.0; eager and `torch.compile`):
+Five presets (batch 32 x 128 unless --batch_size, fp32, random init;
+`benchmark_train_step.PEER_SHAPES` has our side's configs), each trained by our real train step
+(`benchmark_train_step.py`'s `Bench`: gin configs, trainer.Setup, AdamW + clipping) and by the
+transformers model of the same shape and parameter count (AdamW, clip 1.0; eager and
+`torch.compile`):
 
-  hf_bert_mini  BERT MLM + NSP: 4 L, 256, 4 heads, FF 1024, vocab 30522, dropout 0.1
-  hf_gpt2       GPT-2-shaped: 4 L, 256, 4 heads, FF 1024, vocab 50257, dropout 0.1, tied
-  hf_llama      Llama-shaped: RMSNorm, RoPE, SwiGLU, untied; 4 L, 256, 4 heads, FF 1024,
-                vocab 32000, no dropout
-  hf_t5         T5 v1.0: 4 + 4 L, 256, 4 heads of 64, FF 1024 ReLU, vocab 32128,
-                128 in + 32 out, dropout 0.1, tied
+  hf_bert_mini    BERT MLM + NSP: 4 L, 256, 4 heads, FF 1024, vocab 30522, dropout 0.1
+  hf_gpt2         GPT-2-shaped: 4 L, 256, 4 heads, FF 1024, vocab 50257, dropout 0.1, tied
+  hf_llama        Llama-shaped: RMSNorm, RoPE, SwiGLU, untied; 4 L, 256, 4 heads, FF 1024,
+                  vocab 32000, no dropout
+  hf_t5           T5 v1.0: 4 + 4 L, 256, 4 heads of 64, FF 1024 ReLU, vocab 32128,
+                  128 in + 32 out, dropout 0.1, tied
+  hf_deepseek_v3  DeepSeek-V3-shaped (`DeepseekV3ForCausalLM`): 2 L of MLA (4 heads, q rank
+                  128, kv rank 64, qk 32 + 16 RoPE, v 32), the first with a SwiGLU FF 1024,
+                  the second MoE (8 routed experts top-2 + 1 shared, FF 256; sigmoid router,
+                  normalised gates, no groups, fixed zero bias); 256, vocab 32000, untied, no
+                  MTP; ours dropless, theirs torch's grouped_mm (eager; an expert loop under
+                  compile, fp32)
 
 Rounds are interleaved over every (preset, implementation), so load from other processes hits
 all alike; the ratios are medians of per-round ratios. The script also measures the machine's
@@ -21,6 +28,8 @@ model's own FLOP formula x tokens/s) as a share of XLA's, with the compiled step
   .venv/bin/pip install -e '.[hf]'
   .venv/bin/python scripts/benchmark_vs_hf.py --presets hf_bert_mini,hf_gpt2,hf_llama,hf_t5 \\
       --peers eager,compile --output /tmp/vs_hf.json
+  .venv/bin/python scripts/benchmark_vs_hf.py --presets hf_deepseek_v3 --batch_size 16 \\
+      --peers eager,compile --output /tmp/vs_hf_deepseek.json
 """
 
 import os
@@ -76,7 +85,21 @@ def _t5():
   return transformers.T5ForConditionalGeneration(cfg), "seq2seq"
 
 
-PEERS = {"hf_bert_mini": _bert, "hf_gpt2": _gpt2, "hf_llama": _llama, "hf_t5": _t5}
+def _deepseek_v3():
+  import transformers
+  cfg = transformers.DeepseekV3Config(
+      vocab_size=32000, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256,
+      num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
+      num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+      n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, q_lora_rank=128,
+      kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+      max_position_embeddings=128, rope_interleave=False,  # ours pairs halves, as Llama
+      tie_word_embeddings=False, rms_norm_eps=1e-6, num_mtp_layers=0)
+  return transformers.DeepseekV3ForCausalLM(cfg), "causal"
+
+
+PEERS = {"hf_bert_mini": _bert, "hf_gpt2": _gpt2, "hf_llama": _llama, "hf_t5": _t5,
+         "hf_deepseek_v3": _deepseek_v3}
 
 
 def xla_matmul_gflops(n: int = 2048, reps: int = 10) -> float:
