@@ -226,17 +226,31 @@ def _tiny_cfg(**changes):
   return dataclasses.replace(cfg, **changes)
 
 
-def test_parameter_formula_equals_the_built_model():
-  cfg = _tiny_cfg()
+@pytest.mark.parametrize("changes", [{}, dict(moe_layer_dense_dim=325),
+                                     dict(num_dense_layers=4)])
+def test_parameter_formula_equals_the_built_model(changes):
+  """The MoE config, its dense arm at equal activated parameters (scripts/moe_vs_dense.py),
+  and DeepSeek with no MoE layer: a token activates all but the unread experts and rows."""
+  cfg = _tiny_cfg(**changes)
   model = nnx.eval_shape(lambda: deepseek.DeepSeek(cfg, rngs=nnx.Rngs(0)))
+  modules = [m for _, m in nnx.iter_graph(model)]
+  assert any(isinstance(m, moe.MoeMlp) for m in modules) == (not changes)
   params = nnx.state(model, nnx.Param)
   mtp = sum(x.size for p, x in nnx.to_flat_state(params) if p[0] == "mtp")
   counts = deepseek.param_counts(cfg)
   assert counts["total"] == helpers.param_count(model) - mtp
   assert counts["mtp_total"] == mtp
   m = cfg.moe
-  inactive = cfg.num_moe_layers * (m.num_experts - m.top_k) * 3 * cfg.hidden * m.expert_dim
+  inactive = (0 if changes else
+              cfg.num_moe_layers * (m.num_experts - m.top_k) * 3 * cfg.hidden * m.expert_dim)
   assert counts["activated"] == counts["total"] - inactive - (cfg.vocab_size - 1) * cfg.hidden
+
+
+def test_the_matched_dense_arm_activates_what_the_moe_does():
+  """1 shared + top-4 routed experts of 64 and the 256 × 16 router: 768 W ≈ 249,856, W = 325."""
+  a = deepseek.param_counts(_tiny_cfg())["activated"]
+  b = deepseek.param_counts(_tiny_cfg(moe_layer_dense_dim=325))["activated"]
+  assert a - b == 3 * 256  # 768 · 325 is 256 short of the MoE layer's 249,856
 
 
 def test_info_of_deepseek_v3_counts_671b_total_and_37b_activated():
