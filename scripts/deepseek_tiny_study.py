@@ -1,10 +1,10 @@
-"""DeepSeekMoE's claim at tiny scale (Dai et al. 2024): at equal activated parameters per token,
-the fine-grained MoE beats a dense model of the same shape.
+"""Two studies on the tiny DeepSeek (experiments/deepseek_tiny_cpu.gin: 4 layers, the first a
+dense SwiGLU of 704; MLA; MTP depth 1), every arm trained through the CLI with the same seed,
+data, steps, batch and length.
 
-Every arm is experiments/deepseek_tiny_cpu.gin (4 layers, the first a dense SwiGLU of 704; MLA;
-MTP depth 1) trained through the CLI with the same seed, data, steps, batch and length. Only the
-FFN of layers 2-4, and of the MTP block that copies them, differs (DeepSeekConfig's
-moe_layer_dense_dim):
+moe_vs_dense: DeepSeekMoE's claim (Dai et al. 2024), at equal activated parameters per token
+the fine-grained MoE beats a dense model. Only the FFN of layers 2-4, and of the MTP block that
+copies them, differs (DeepSeekConfig.moe_layer_dense_dim):
 
   moe          DeepSeekMoE: 1 shared + top-4 of 16 routed experts, SwiGLU width 64 each
   dense        SwiGLU 325, the MoE layer's activated parameters: 3 * 256 * W = 768 W against
@@ -12,13 +12,18 @@ moe_layer_dense_dim):
   dense_total  SwiGLU 1093, the MoE layer's total (the paper's upper bound): 17 * 768 * 64
                + 4,096 = 839,680 = 768 W, W = 1093.3 (256 short)
 
-  .venv/bin/python scripts/moe_vs_dense.py --model_dirs runs/moe_vs_dense
+precision: the MoE trained in fp32, in bf16 compute (f32 master weights) and with FP8 matmuls
+(precision/fp8.gin: DeepSeek-V3's e4m3 tiles, emulated on CPU).
+
+  .venv/bin/python scripts/deepseek_tiny_study.py moe_vs_dense --model_dirs runs/moe_vs_dense
+  .venv/bin/python scripts/deepseek_tiny_study.py precision --model_dirs runs/precision
 
 An arm whose model_dir holds a finished run is not retrained and an interrupted one resumes from
-its checkpoint, so rerunning the command continues the study; --moe_dir reads an existing MoE
-run instead of training one. Prints the markdown table and writes it, with the loss curves, to
---out_dir. Losses are the next-token cross-entropy, ln(perplexity): the logged `loss` adds the
-MTP term (λ = 0.3), which all arms share.
+its checkpoint, so rerunning the command continues the study; --reuse ARM=DIR reads an existing
+run instead (the MoE arm of one study is the fp32 arm of the other). Prints the markdown table
+and writes it, with the loss curves, to --out_dir as STUDY.md and STUDY.png. Losses are the
+next-token cross-entropy, ln(perplexity): the logged `loss` adds the MTP term (λ = 0.3), which
+all arms share.
 """
 
 import argparse
@@ -32,26 +37,30 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILE = "experiments/deepseek_tiny_cpu.gin"
-# name: (moe_layer_dense_dim, the FFN of layers 2-4 in words)
-ARMS = {"moe": (None, "MoE: 1 shared + top-4 of 16 × 64"),
-        "dense": (325, "dense SwiGLU 325 (= activated)"),
-        "dense_total": (1093, "dense SwiGLU 1093 (= total)")}
+# study: {arm: (gin files, bindings, what differs, in words)}
+STUDIES = {
+    "moe_vs_dense": {
+        "moe": ([], [], "MoE: 1 shared + top-4 of 16 × 64"),
+        "dense": ([], ["DeepSeekConfig.moe_layer_dense_dim=325"],
+                  "dense SwiGLU 325 (= activated)"),
+        "dense_total": ([], ["DeepSeekConfig.moe_layer_dense_dim=1093"],
+                        "dense SwiGLU 1093 (= total)")},
+    "precision": {
+        "fp32": ([], [], "fp32"),
+        "bf16": ([], ["DeepSeekConfig.dtype='bfloat16'"], "bf16 compute, f32 master weights"),
+        "fp8": (["precision/fp8.gin"], [], "FP8 e4m3 tiles (1×128, 128×128), f32 master")},
+}
 
 
-def _cli(verb: str, bindings: list[str], *extra: str) -> list[str]:
-  return [sys.executable, "-m", "pretrain_jax", verb, f"--gin_file={GIN_FILE}", *extra,
+def _cli(verb: str, gin_files: list[str], bindings: list[str], *extra: str) -> list[str]:
+  return [sys.executable, "-m", "pretrain_jax", verb,
+          *(f"--gin_file={f}" for f in [GIN_FILE, *gin_files]), *extra,
           *(f"--gin.{b}" for b in bindings)]
 
 
-def _bindings(arm: str, steps: int, extra: list[str]) -> list[str]:
-  width = ARMS[arm][0]
-  return ([f"train.num_steps={steps}"] + extra
-          + ([f"DeepSeekConfig.moe_layer_dense_dim={width}"] if width else []))
-
-
-def info(bindings: list[str]) -> dict:
+def info(gin_files: list[str], bindings: list[str]) -> dict:
   """`info --json`: the counts from shapes, by the model's own convention."""
-  out = subprocess.run(_cli("info", bindings, "--json"), cwd=REPO, check=True,
+  out = subprocess.run(_cli("info", gin_files, bindings, "--json"), cwd=REPO, check=True,
                        capture_output=True, text=True).stdout
   return json.loads(out.strip().splitlines()[-1])
 
@@ -80,7 +89,8 @@ def finished(model_dir: str, steps: int) -> bool:
   return "train" in done and (config.get("train.eval_every") == "0" or len(done) > 1)
 
 
-def train(arm: str, model_dir: str, bindings: list[str], steps: int) -> None:
+def train(arm: str, model_dir: str, gin_files: list[str], bindings: list[str],
+          steps: int) -> None:
   if finished(model_dir, steps):
     print(f"{arm}: {model_dir} is finished at step {steps}; not retrained", flush=True)
     return
@@ -89,17 +99,17 @@ def train(arm: str, model_dir: str, bindings: list[str], steps: int) -> None:
     sys.exit(f"{model_dir} holds a run of {recorded} steps, not {steps}: remove it or "
              "choose another --model_dirs")
   print(f"{arm}: training into {model_dir}", flush=True)
-  subprocess.run(_cli("train", bindings, f"--model_dir={model_dir}", "--no_progress"),
+  subprocess.run(_cli("train", gin_files, bindings, f"--model_dir={model_dir}", "--no_progress"),
                  cwd=REPO, check=True)
 
 
-def summarize(arm: str, model_dir: str, counts: dict) -> dict:
+def summarize(arm: str, label: str, model_dir: str, counts: dict) -> dict:
   records = read_metrics(model_dir)
   ce = lambda r: math.log(r["perplexity"]) if r.get("perplexity") else float("nan")
   held_out = [r for r in records if r["split"] != "train"]
   train_rows = [r for r in records if r["split"] == "train"]
   speeds = [r["tokens_per_sec"] for r in train_rows[1:] or train_rows]  # the first compiles
-  return {"arm": arm, "model_dir": model_dir, "ffn": ARMS[arm][1],
+  return {"arm": arm, "model_dir": model_dir, "label": label,
           "total_params": counts["total_params"], "mtp_params": counts["mtp_params"],
           "activated_params": counts["activated_params"],
           "held_out_ce": {r["step"]: ce(r) for r in held_out},
@@ -109,11 +119,11 @@ def summarize(arm: str, model_dir: str, counts: dict) -> dict:
           "tokens_per_sec": statistics.median(speeds) if speeds else float("nan")}
 
 
-def check_same_training(results: list[dict]) -> None:
-  """Warns where the runs' saved configs differ beyond the arm's own FFN width (a reused
-  --moe_dir trained with other settings, say)."""
+def check_same_training(results: list[dict], expected: set[str]) -> None:
+  """Warns where the runs' saved configs differ beyond the arms' own settings (a reused run
+  trained with other settings, say)."""
   configs = [saved_config(r["model_dir"]) for r in results]
-  keys = set().union(*configs) - {"DeepSeekConfig.moe_layer_dense_dim"}
+  keys = set().union(*configs) - expected
   for key in sorted(k for k in keys if len({c.get(k) for c in configs}) > 1):
     print(f"warning: the runs differ in {key}: "
           + ", ".join(f"{r['arm']} {c.get(key)}" for r, c in zip(results, configs)),
@@ -123,12 +133,12 @@ def check_same_training(results: list[dict]) -> None:
 def markdown(results: list[dict], command: str) -> str:
   steps = sorted(set().union(*(r["held_out_ce"] for r in results)))
   n = lambda x: f"{x:,}"
-  header = (["arm", "layers 2–4 FFN", "total params (MTP)", "activated / token"]
+  header = (["arm", "what differs", "total params (MTP)", "activated / token"]
             + [f"held-out CE, step {s}" for s in steps]
             + ["final held-out loss (+ MTP)", "final perplexity", "train tokens/s"])
   lines = ["| " + " | ".join(header) + " |", "|---|---" + "|---:" * (len(header) - 2) + "|"]
   for r in results:
-    cells = ([r["arm"], r["ffn"], f"{n(r['total_params'])} ({n(r['mtp_params'])})",
+    cells = ([r["arm"], r["label"], f"{n(r['total_params'])} ({n(r['mtp_params'])})",
               n(r["activated_params"])]
              + [f"{r['held_out_ce'][s]:.3f}" if s in r["held_out_ce"] else "–" for s in steps]
              + [f"{r['final_held_out_loss']:.3f}", f"{r['final_perplexity']:.1f}",
@@ -150,7 +160,7 @@ def plot(results: list[dict], path: str) -> None:
     for ax, key, marker in ((axes[0], "held_out_ce", "o"), (axes[1], "train_ce", None)):
       points = sorted(r[key].items())
       if points:
-        ax.plot(*zip(*points), marker=marker, ms=4, label=f"{r['arm']}: {r['ffn']}")
+        ax.plot(*zip(*points), marker=marker, ms=4, label=f"{r['arm']}: {r['label']}")
   for ax, title in zip(axes, ("held-out next-token CE", "train next-token CE")):
     ax.set_title(title)
     ax.set_xlabel("step")
@@ -164,34 +174,44 @@ def plot(results: list[dict], path: str) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model_dirs", default="runs/moe_vs_dense",
-                      help="root: each arm trains into MODEL_DIRS/ARM")
-  parser.add_argument("--moe_dir", help="an existing, finished MoE run to read instead of "
-                      "training MODEL_DIRS/moe (same steps and settings)")
+  parser.add_argument("study", choices=list(STUDIES))
+  parser.add_argument("--model_dirs", help="root: each arm trains into MODEL_DIRS/ARM "
+                      "(default runs/STUDY)")
+  parser.add_argument("--reuse", action="append", default=[], metavar="ARM=DIR",
+                      help="a finished run (same steps and settings) to read for ARM")
   parser.add_argument("--out_dir", default=os.path.join(REPO, "docs"),
-                      help="writes moe_vs_dense.md and moe_vs_dense.png here")
+                      help="writes STUDY.md and STUDY.png here")
   parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+  parser.add_argument("--arms", nargs="+", help="a subset of the study's arms")
   parser.add_argument("--gin", action="append", default=[], metavar="NAME=VALUE",
                       help="a binding for every arm (repeatable), e.g. train.eval_every=2")
   args = parser.parse_args()
-  results = []
-  for arm in args.arms:
-    bindings = _bindings(arm, args.steps, args.gin)
-    model_dir = os.path.abspath(args.moe_dir if arm == "moe" and args.moe_dir
-                                else os.path.join(args.model_dirs, arm))
-    if arm == "moe" and args.moe_dir:
+  arms = STUDIES[args.study]
+  unknown = sorted(set(args.arms or []) - set(arms))
+  if unknown:
+    sys.exit(f"--arms {unknown[0]!r}: the {args.study} study's arms are {list(arms)}")
+  reuse = dict(item.split("=", 1) for item in args.reuse)
+  model_dirs = args.model_dirs or os.path.join("runs", args.study)
+  results, expected = [], set()
+  for arm in args.arms or arms:
+    gin_files, own, label = arms[arm]
+    bindings = [f"train.num_steps={args.steps}", *args.gin, *own]
+    expected |= {b.split("=", 1)[0] for b in own} | ({"dot_general_for.default",
+                                                       "dot_general_for.overrides"}
+                                                      if gin_files else set())
+    model_dir = os.path.abspath(reuse.get(arm) or os.path.join(model_dirs, arm))
+    if arm in reuse:
       if not finished(model_dir, args.steps):
-        sys.exit(f"--moe_dir {model_dir} holds no run finished at step {args.steps}")
+        sys.exit(f"--reuse {arm}={model_dir} holds no run finished at step {args.steps}")
     else:
-      train(arm, model_dir, bindings, args.steps)
-    results.append(summarize(arm, model_dir, info(bindings)))
-  check_same_training(results)
+      train(arm, model_dir, gin_files, bindings, args.steps)
+    results.append(summarize(arm, label, model_dir, info(gin_files, bindings)))
+  check_same_training(results, expected)
   os.makedirs(args.out_dir, exist_ok=True)
-  plot(results, os.path.join(args.out_dir, "moe_vs_dense.png"))
-  table = markdown(results, "python scripts/moe_vs_dense.py " + " ".join(sys.argv[1:]))
+  plot(results, os.path.join(args.out_dir, f"{args.study}.png"))
+  table = markdown(results, "python scripts/deepseek_tiny_study.py " + " ".join(sys.argv[1:]))
   print(table)
-  with open(os.path.join(args.out_dir, "moe_vs_dense.md"), "w") as f:
+  with open(os.path.join(args.out_dir, f"{args.study}.md"), "w") as f:
     f.write(table)
 
 
