@@ -1,7 +1,7 @@
 """FP8 in DeepSeek-V3's recipe: e4m3 rounding bounds per tile and block, the matmul against
 float64, both implementations one answer, the precision policy's switch, and a run that trains."""
 
-import dataclasses
+import re
 
 import gin
 import jax
@@ -105,6 +105,11 @@ def test_chunked_fp8_operands_equal_the_dequantized_product_and_any_dimension_nu
     np.testing.assert_allclose(chunked, dequantized, rtol=1e-5, atol=1e-6)
     relative = float(jnp.linalg.norm(chunked - exact) / jnp.linalg.norm(exact))
     assert 0.005 < relative < 0.06, (lhs_shape, rhs_shape, relative)
+  # What a GPU's compiler is handed: a dot of float8 operands accumulating in f32.
+  lowered = jax.jit(lambda x, w: fp8.Fp8DotGeneral("chunked")(x, w, cases[0][2])).lower(
+      jnp.ones(cases[0][0]), jnp.ones(cases[0][1])).as_text()
+  assert re.search(r"dot_general .*\(tensor<[0-9x]+xf8E4M3FN>, tensor<[0-9x]+xf8E4M3FN>\) "
+                   r"-> tensor<[0-9x]+xf32>", lowered)
 
 
 def test_backward_multiplies_the_cotangent_by_the_dequantized_operands():
