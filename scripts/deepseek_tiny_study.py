@@ -152,20 +152,31 @@ def markdown(results: list[dict], command: str) -> str:
 
 
 def plot(results: list[dict], path: str) -> None:
+  """Held-out and train CE per step, and each arm's CE minus the first arm's (the differences
+  are small beside the fall from step 0)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+  base = results[0]
   for r in results:
+    label = f"{r['arm']}: {r['label']}"
     for ax, key, marker in ((axes[0], "held_out_ce", "o"), (axes[1], "train_ce", None)):
       points = sorted(r[key].items())
       if points:
-        ax.plot(*zip(*points), marker=marker, ms=4, label=f"{r['arm']}: {r['label']}")
-  for ax, title in zip(axes, ("held-out next-token CE", "train next-token CE")):
+        ax.plot(*zip(*points), marker=marker, ms=4, label=label)
+    steps = sorted(set(r["train_ce"]) & set(base["train_ce"]))
+    axes[2].plot(steps, [r["train_ce"][s] - base["train_ce"][s] for s in steps], label=label)
+    steps = sorted(set(r["held_out_ce"]) & set(base["held_out_ce"]))
+    axes[2].plot(steps, [r["held_out_ce"][s] - base["held_out_ce"][s] for s in steps], "o",
+                 ms=4, color=axes[2].lines[-1].get_color())
+  titles = ("held-out next-token CE", "train next-token CE",
+            f"CE minus {base['arm']}'s (line: train, dots: held out)")
+  for ax, title in zip(axes, titles):
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
