@@ -74,6 +74,12 @@ def saved_config(model_dir: str) -> dict[str, str]:
     return dict(m.groups() for m in re.finditer(r"^([\w.]+) = (.*)$", f.read(), re.M))
 
 
+def bound_names(gin_file: str) -> set[str]:
+  """The NAMEs a gin file (in gin_configs/) binds: what its arm is meant to change."""
+  with open(os.path.join(REPO, "gin_configs", gin_file)) as f:
+    return set(re.findall(r"^([\w.]+) = ", f.read(), re.M))
+
+
 def read_metrics(model_dir: str) -> list[dict]:
   path = os.path.join(model_dir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -207,9 +213,7 @@ def main():
   for arm in args.arms or arms:
     gin_files, own, label = arms[arm]
     bindings = [f"train.num_steps={args.steps}", *args.gin, *own]
-    expected |= {b.split("=", 1)[0] for b in own} | ({"dot_general_for.default",
-                                                       "dot_general_for.overrides"}
-                                                      if gin_files else set())
+    expected |= {b.split("=", 1)[0] for b in own}.union(*map(bound_names, gin_files))
     model_dir = os.path.abspath(reuse.get(arm) or os.path.join(model_dirs, arm))
     if arm in reuse:
       if not finished(model_dir, args.steps):

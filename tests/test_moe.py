@@ -229,8 +229,9 @@ def _tiny_cfg(**changes):
 @pytest.mark.parametrize("changes", [{}, dict(moe_layer_dense_dim=325),
                                      dict(num_dense_layers=4)])
 def test_parameter_formula_equals_the_built_model(changes):
-  """The MoE config, its dense arm at equal activated parameters (scripts/moe_vs_dense.py),
-  and DeepSeek with no MoE layer: a token activates all but the unread experts and rows."""
+  """The MoE config, its dense arm at equal activated parameters
+  (scripts/deepseek_tiny_study.py), and DeepSeek with no MoE layer: a token activates all but
+  the unread experts and rows."""
   cfg = _tiny_cfg(**changes)
   model = nnx.eval_shape(lambda: deepseek.DeepSeek(cfg, rngs=nnx.Rngs(0)))
   modules = [m for _, m in nnx.iter_graph(model)]

@@ -61,7 +61,8 @@ class DeepSeekConfig:
   moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
   # None: the layers after the first k (and each MTP block) are DeepSeekMoE. A width: they are
   # dense SwiGLUs of it instead, everything else unchanged (`moe` unused): the dense baselines
-  # DeepSeekMoE is compared with at equal activated or total parameters (scripts/moe_vs_dense.py)
+  # DeepSeekMoE is compared with at equal activated or total parameters
+  # (scripts/deepseek_tiny_study.py)
   moe_layer_dense_dim: int | None = None
   mtp_depth: int = 1  # D; 0: no multi-token prediction
   mtp_weight: float = 0.3  # λ
