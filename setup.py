@@ -29,7 +29,7 @@ setuptools.setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest"],
+        "dev": ["pytest", "scikit-learn", "scipy"],  # the metric tests' references
         "tpu": ["libtpu==0.0.42.*"],
         "hf": ["transformers", "torch==2.13.0", "safetensors"],
     },

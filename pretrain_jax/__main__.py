@@ -1,6 +1,7 @@
 """Command line: python -m pretrain_jax VERB --gin_file=F [--gin.NAME=VALUE ...] [flags].
 
-Verbs: train, eval, show-data, generate, icl, info. Bad input ends in one line on stderr and
+Verbs: train, eval, show-data, generate, icl, info, export (a prefix-tuned run with its
+prefixes stored plain, into --out_dir). Bad input ends in one line on stderr and
 exit status 2. eval, generate and icl read MODEL_DIR/config.gin when no --gin_file is given.
 """
 
@@ -13,7 +14,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow only feeds data here
 
-VERBS = ("train", "eval", "show-data", "generate", "icl", "info")
+VERBS = ("train", "eval", "show-data", "generate", "icl", "info", "export")
 
 
 def _parse(argv):
@@ -23,6 +24,7 @@ def _parse(argv):
   parser.add_argument("--gin_file", action="append", default=[],
                       help="gin file (repeatable); relative paths also resolve in gin_configs/")
   parser.add_argument("--model_dir", help="checkpoints, metrics.jsonl, TensorBoard, config.gin")
+  parser.add_argument("--out_dir", help="export: the new run directory")
   parser.add_argument("--task", help="show-data: task or mixture name")
   parser.add_argument("--split", help="show-data: default train; eval: default validation")
   parser.add_argument("--num", type=int, default=None,
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
     from pretrain_jax import registry  # noqa: F401  (gin configurables and tasks, before parsing)
     from pretrain_jax.config import configure
     gin_files = args.gin_file
-    if not gin_files and args.verb in ("eval", "generate", "icl") and args.model_dir:
+    if not gin_files and args.verb in ("eval", "generate", "icl", "export") and args.model_dir:
       saved = os.path.join(args.model_dir, "config.gin")
       if not os.path.exists(saved):
         raise UserError(f"{args.verb}: no --gin_file and no {saved}")
@@ -106,7 +108,17 @@ def main(argv=None) -> int:
       if not args.model_dir:
         raise UserError("eval needs --model_dir (a directory holding checkpoints)")
       import json
-      print(json.dumps(trainer.evaluate_checkpoint(args.model_dir, args.split or "validation")))
+      from pretrain_jax.inference import classify
+      result = trainer.evaluate_checkpoint(args.model_dir, args.split or "validation")
+      if classify.is_classifier_run():  # the task's metrics over the whole split too
+        result["task_metrics"] = classify.evaluate(args.model_dir, args.split or "validation")
+      print(json.dumps(result))
+    elif args.verb == "export":
+      if not (args.model_dir and args.out_dir):
+        raise UserError("export needs --model_dir (a prefix-tuned run) and --out_dir")
+      import json
+      from pretrain_jax.peft import export
+      print(json.dumps(export.export(args.model_dir, args.out_dir)))
     elif args.verb == "info":
       from pretrain_jax.training import info
       info.main(as_json=args.json)

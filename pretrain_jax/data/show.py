@@ -31,15 +31,15 @@ def examples(task: str, split: str, num: int, sequence_length: int, seed: int = 
   return list(ds.take(num).as_numpy_iterator())
 
 
-TOKEN_FEATURES = ("inputs", "targets", "tokens", "decoder_input_tokens", "decoder_target_tokens",
-                  "encoder_input_tokens")
+TOKEN_FEATURES = ("inputs", "targets", "tokens", "input_ids", "decoder_input_tokens",
+                  "decoder_target_tokens", "encoder_input_tokens")
 
 
 def _length_of(example: dict, name: str, pad_id: int) -> int | None:
   """Non-padding length of the feature group `name` belongs to (encoder_*, decoder_*, rest)."""
   group = name.split("_")[0] if name.startswith(("encoder_", "decoder_")) else None
   candidates = {"encoder": ("encoder_input_tokens",),
-                "decoder": ("decoder_target_tokens",)}.get(group, ("targets", "tokens", "inputs"))
+                "decoder": ("decoder_target_tokens",)}.get(group, ("targets", "tokens", "inputs", "input_ids"))
   for ref in candidates:
     if ref in example:
       nonpad = np.flatnonzero(np.asarray(example[ref]) != pad_id)

@@ -241,13 +241,13 @@ class MultiHeadAttention(nnx.Module):
     relative position bias, [1 or B, H, L, S]).
     """
     names = ("batch", "length", "act_heads", "act_kv")
-    q_BLHK = constrain(self.query(x_BLD), names)
+    q_BLHK = constrain(self.query(x_BLD, rngs=rngs), names)
     if context_kv is not None:
       k_BSGK, v_BSGV = context_kv
     else:
       source_BSD = x_BLD if context_BSD is None else context_BSD
-      k_BSGK = constrain(self.key(source_BSD), names)
-      v_BSGV = constrain(self.value(source_BSD), names)
+      k_BSGK = constrain(self.key(source_BSD, rngs=rngs), names)
+      v_BSGV = constrain(self.value(source_BSD, rngs=rngs), names)
     if self.rope_theta is not None:
       if positions_BL is None:
         positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
@@ -260,8 +260,16 @@ class MultiHeadAttention(nnx.Module):
       v_BSGV = jax.lax.dynamic_update_slice(values_BSGV, v_BSGV.astype(values_BSGV.dtype),
                                             (0, index, 0, 0))
     dropout_key = rngs.dropout() if rngs is not None and self.dropout_rate else None
+    keys_BSGK, values_BSGV, mask_B1LS, bias_BHLS = self.read_keys(k_BSGK, v_BSGV, mask_B1LS,
+                                                                  bias_BHLS)
     out_BLHV = dot_product_attention(
-        q_BLHK, k_BSGK.astype(q_BLHK.dtype), v_BSGV.astype(q_BLHK.dtype), mask_B1LS, bias_BHLS,
-        scale=self.logit_scale, dropout_rate=self.dropout_rate, dropout_key=dropout_key)
-    out_BLD = constrain(self.out(out_BLHV), ("batch", "length", "act_embed"))
+        q_BLHK, keys_BSGK.astype(q_BLHK.dtype), values_BSGV.astype(q_BLHK.dtype), mask_B1LS,
+        bias_BHLS, scale=self.logit_scale, dropout_rate=self.dropout_rate,
+        dropout_key=dropout_key)
+    out_BLD = constrain(self.out(out_BLHV, rngs=rngs), ("batch", "length", "act_embed"))
     return out_BLD, (k_BSGK, v_BSGV)
+
+  def read_keys(self, k_BSGK, v_BSGV, mask_B1LS, bias_BHLS):
+    """The keys, values, mask and bias the queries read: this call's (or the cache's) as they
+    are; prefix tuning (peft/prefix.py) puts its own keys in front."""
+    return k_BSGK, v_BSGV, mask_B1LS, bias_BHLS

@@ -38,6 +38,12 @@ class Dense(nnx.LinearGeneral):
         bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[len(in_features):]),
         dot_general=dot_general_for(role) if role else dot_general, rngs=rngs)
 
+  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """`rngs` (the layer's dropout stream, None when deterministic) is for subclasses that
+    drop out (peft's LoRA); the projection itself is deterministic."""
+    del rngs
+    return super().__call__(x)
+
 
 class Embed(nnx.Embed):
   """Token/position embedding table with logical axes (`vocab`|`position`, `embed`)."""

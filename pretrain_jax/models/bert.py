@@ -5,6 +5,7 @@
     hˡ⁺¹ = LN(a + Dropout(W₂ GELU(W₁ a)))
     MLM:  softmax(LN(GELU(W h)) E_tokᵀ + b)     (output tied to the input embeddings)
     NSP:  softmax(W_nsp tanh(W_pool h_[CLS]))
+    finetuning (§4.1): softmax(W_c Dropout(tanh(W_pool h_[CLS])))   (C = 1: a regression)
 
 RoBERTa and SpanBERT are the same network trained differently (objectives/masked_lm.py).
 """
@@ -138,6 +139,40 @@ class BertForPretraining(nnx.Module):
   def nsp_logits(self, h_BLD):
     pooled_BD = jnp.tanh(self.pooler(h_BLD[:, 0]))
     return self.nsp(pooled_BD)
+
+
+class BertClassifier(nnx.Module):
+  """Sequence classification (or regression, `num_classes=1`) on the pooled [CLS]: the
+  pretrained encoder and pooler keep their paths (`train.init_from` loads them), the
+  classifier is new."""
+  finetuning_head = ("^classifier/",)  # what trains beside a parameter-efficient method
+
+  def __init__(self, cfg: BertConfig, num_classes: int, *, rngs: nnx.Rngs):
+    if num_classes < 1:
+      raise UserError(f"bert_classifier.num_classes={num_classes}; it must be >= 1 "
+                      "(1: regression)")
+    self.cfg, self.num_classes = cfg, num_classes
+    common = dict(init_std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
+    self.encoder = BertEncoder(cfg, rngs=rngs)
+    self.pooler = Dense(cfg.hidden, cfg.hidden, ("embed", "mlp"), role="head", **common)
+    self.dropout = nnx.Dropout(cfg.dropout_rate)
+    self.classifier = Dense(cfg.hidden, num_classes, ("mlp", None), role="head", **common)
+
+  def __call__(self, input_ids_BL, token_type_ids_BL, rngs=None):
+    """Logits [B, C]."""
+    h_BLD = self.encoder(input_ids_BL, token_type_ids_BL, rngs=rngs)
+    pooled_BD = jnp.tanh(self.pooler(h_BLD[:, 0]))
+    return self.classifier(self.dropout(pooled_BD, rngs=rngs, deterministic=rngs is None))
+
+  def train_flops_per_token(self, seq_len: int, targets_len: int | None = None) -> float:
+    del targets_len
+    return flops_per_token(self.cfg, seq_len, predictions=0)
+
+
+@gin.configurable
+def bert_classifier(seed: int, cfg: BertConfig = gin.REQUIRED,
+                    num_classes: int = gin.REQUIRED) -> BertClassifier:
+  return BertClassifier(cfg, num_classes, rngs=nnx.Rngs(seed))
 
 
 @gin.configurable

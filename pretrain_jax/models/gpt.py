@@ -217,9 +217,11 @@ class GptClassifier(Gpt):
   A subclass, so the pretrained decoder's parameters keep their paths and `train.init_from`
   loads them; only `classifier` starts from scratch.
   """
+  finetuning_head = ("^classifier/",)  # what trains beside a parameter-efficient method
 
   def __init__(self, cfg: GptConfig, num_classes: int, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
+    self.num_classes = num_classes
     self.classifier = Dense(cfg.hidden, num_classes, ("embed", None), role="head",
                             init_std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
 

@@ -58,6 +58,15 @@ class Classifier(CausalLm, Protocol):
 
 
 @runtime_checkable
+class SequenceClassifier(Model, Protocol):
+  """BERT's finetuning model: logits [B, C] of token ids and token types (C = 1: regression)."""
+  num_classes: int
+
+  def __call__(self, input_ids_BL: jax.Array, token_type_ids_BL: jax.Array,
+               rngs=None) -> jax.Array: ...
+
+
+@runtime_checkable
 class TextToText(Model, Protocol):
   """Models that read a whole SeqIO feature batch (T5 and the rows of its architecture table)."""
 

@@ -1,5 +1,8 @@
-"""GPT-1's finetuning formats (Radford et al. 2018, §3.3): one token sequence per example,
-a linear classifier on the hidden state of its final token.
+"""Finetuning losses for classifiers: BERT's on the pooled [CLS] (Devlin et al. 2018, §4.1),
+and GPT-1's formats (Radford et al. 2018, §3.3): one token sequence per example, a linear
+classifier on the hidden state of its final token.
+
+    BERT:         softmax(W_c pooled) cross-entropy; C = 1: squared error (STS-B)
 
     single text:  [START] a [EXTRACT]
     pairs:        [START] a [DELIM] b [EXTRACT]
@@ -15,6 +18,7 @@ from __future__ import annotations
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -106,6 +110,31 @@ def final_token_classifier_loss(model, batch, rngs=None, lm_weight: float = 0.5)
     metrics["lm_loss"] = (lm_sum, lm_count)
   metrics["loss"] = (loss * n, n)
   return loss, metrics
+
+
+@gin.configurable
+def pooled_classifier_loss(model, batch, rngs=None):
+  """BERT finetuning: cross-entropy of the pooled-[CLS] classifier, or for a one-output head
+  (a regression task such as STS-B) the mean squared error."""
+  logits_BC = model(batch["input_ids"], batch["token_type_ids"], rngs=rngs)
+  n = jnp.float32(logits_BC.shape[0])
+  if logits_BC.shape[-1] == 1:
+    error_B = logits_BC[:, 0].astype(jnp.float32) - batch["label"].astype(jnp.float32)
+    sq = jnp.sum(error_B ** 2)
+    return sq / n, {"loss": (sq, n), "mse": (sq, n)}
+  ce_sum, correct, _, _ = cross_entropy(logits_BC, batch["label"])
+  return ce_sum / n, {"loss": (ce_sum, n), "accuracy": (correct, n)}
+
+
+def check_labels(labels_B: np.ndarray, num_classes: int) -> None:
+  """Labels past a classifier's classes would be read by the loss as garbage: refuse them."""
+  if num_classes < 2 or not np.issubdtype(labels_B.dtype, np.integer) or not labels_B.size:
+    return
+  bad = labels_B[(labels_B < 0) | (labels_B >= num_classes)]
+  if bad.size:
+    raise UserError(f"label {int(bad[0])} is outside the classifier's {num_classes} classes "
+                    f"(0..{num_classes - 1}): set the head's num_classes to the task's number "
+                    "of classes, or fix the task's labels")
 
 
 def _hidden_states(model, tokens_BL, rngs=None):

@@ -18,13 +18,16 @@ def _shapes_by_path(tree) -> dict[str, tuple]:
 
 
 def path_str(path) -> str:
-  parts = []
-  for key in path:
-    k = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-    if str(k) in ("value", "raw_value"):
-      continue  # nnx.Variable wrappers and their saved dicts differ only here
-    parts.append(str(k))
-  return "/".join(parts)
+  """'encoder/layers/block/attention/value/kernel' for a leaf's path in memory or on disk."""
+  parts = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+           for key in path]
+  return "/".join(_unwrapped(parts))
+
+
+def _unwrapped(parts: list[str]) -> list[str]:
+  """Without the trailing key an nnx.Variable (in memory) or its saved dict (on disk) adds:
+  only the last one, as a module may own a projection named `value` (attention's)."""
+  return parts[:-1] if parts and parts[-1] in ("value", "raw_value") else parts
 
 
 class Checkpointer:
@@ -105,7 +108,7 @@ class Checkpointer:
       if isinstance(tree, dict):
         kept = {k: select(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in tree.items()}
         return {k: v for k, v in kept.items() if v is not None} or None
-      path = "/".join(p for p in prefix.split("/") if p not in ("value", "raw_value"))
+      path = "/".join(_unwrapped(prefix.split("/")))
       if path not in wanted:
         return None
       if tuple(tree.shape) != tuple(wanted[path].shape):

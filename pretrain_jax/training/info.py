@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pretrain_jax import config
+from pretrain_jax import config, peft
 from pretrain_jax.data import pipeline
 from pretrain_jax.errors import UserError
 from pretrain_jax.models import protocol
@@ -40,8 +40,9 @@ def model_info() -> dict:
   factory = config.bound("train.model")
   if factory is None:
     raise UserError("info: no train.model in the gin config; pass --gin_file=models/NAME.gin")
-  model = train_state.AbstractModel.build(factory, config.bound("train.seed", 0))
-  freeze = train_state.trainable_params()
+  finetune = peft.finetune()
+  model = train_state.AbstractModel.build(finetune.wrap(factory), config.bound("train.seed", 0))
+  freeze = finetune.freeze_filter(model.module, train_state.trainable_params())
   freeze.check(model.params)
   trainable, _ = freeze.partition(model.params)
   tx, _ = optimizers.make_optimizer(config.bound("train.num_steps") or 1)
@@ -54,6 +55,8 @@ def model_info() -> dict:
       "model": type(model.module).__name__,
       "total_params": total,
       "trainable_params": train_state.num_elements(trainable),
+      "trainable_fraction": train_state.num_elements(trainable) / total,
+      "peft_methods": [type(m).__name__ for m in finetune.methods],
       "activated_params": (int(model.module.activated_params())
                            if isinstance(model.module, _Sparse) else total),
       "mtp_params": _training_only(model.params),
@@ -63,6 +66,7 @@ def model_info() -> dict:
           length, pipeline.decoder_length(length)))
                           if is_model and length else None),
       "params_bytes": train_state.num_bytes(model.params),
+      "trainable_bytes": train_state.num_bytes(trainable),
       "optimizer_bytes": train_state.num_bytes(state.opt_state),
       "state_bytes": train_state.num_bytes(state),
   }
@@ -74,13 +78,17 @@ def table(info: dict) -> str:
   gib = lambda b: f"bytes  {b / 2**30:,.2f} GiB"
   flops = info["flops_per_token"]
   rows = [("total parameters", n(info["total_params"]), ""),
-          ("trainable parameters", n(info["trainable_params"]), ""),
+          ("trainable parameters", n(info["trainable_params"]),
+           f"{info['trainable_fraction']:.2%}" + (
+               f"  ({', '.join(info['peft_methods'])})" if info["peft_methods"] else "")),
           ("activated per token", n(info["activated_params"]), ""),
           ("of the total, MTP", n(info["mtp_params"]), "(training only)"),
           ("non-gradient state", n(info["model_state_params"]), ""),
           ("train FLOPs per token", n(flops),
            f"at L = {info['sequence_length']}" if flops else "(set train.sequence_length)"),
           ("parameters", n(info["params_bytes"]), gib(info["params_bytes"])),
+          ("trainable (a delta)", n(info["trainable_bytes"]),
+           f"bytes  {info['trainable_bytes'] / 2**20:,.2f} MiB"),
           ("optimizer state", n(info["optimizer_bytes"]), gib(info["optimizer_bytes"])),
           ("train state", n(info["state_bytes"]), gib(info["state_bytes"]))]
   label_w = max(len(r[0]) for r in rows)
@@ -91,7 +99,9 @@ def table(info: dict) -> str:
 
 
 def main(as_json: bool = False) -> None:
-  """Prints `model_info()`: JSON keys total_params, trainable_params (after the freeze filter),
+  """Prints `model_info()`: JSON keys total_params, trainable_params (after the freeze filter
+  and the peft methods), trainable_fraction, peft_methods, trainable_bytes (what a delta
+  checkpoint stores of the parameters),
   activated_params (per token, by the model's own count: DeepSeek's excludes the looked-up
   embedding table; = total for dense models), mtp_params (multi-token-prediction modules,
   included in the total, dropped at inference), model_state_params (non-gradient

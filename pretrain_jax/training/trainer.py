@@ -10,6 +10,8 @@ terms join the loss after the forward pass.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,10 +25,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from pretrain_jax import config
+from pretrain_jax import config, peft
 from pretrain_jax.data import pipeline
 from pretrain_jax.errors import UserError
 from pretrain_jax.models import protocol
+from pretrain_jax.objectives import classification
+from pretrain_jax.peft import delta as delta_lib
 from pretrain_jax.training import checkpoints, metrics as metrics_lib, optimizers, partitioning
 from pretrain_jax.training import train_state
 from pretrain_jax.training.train_state import TrainState
@@ -70,9 +74,12 @@ class Setup:
     self.rules = partitioning.logical_axis_rules()
     self.loss_fn, self.num_microbatches = loss_fn, num_microbatches
     self.tx, self.schedule = optimizers.make_optimizer(num_steps)
+    finetune = peft.finetune()
+    model_factory = finetune.wrap(model_factory)
     self.model = train_state.AbstractModel.build(model_factory, seed)
     self.graphdef = self.model.graphdef
-    self.freeze = train_state.trainable_params()
+    self.freeze = finetune.freeze_filter(self.model.module, train_state.trainable_params())
+    self.num_classes = getattr(self.model.module, "num_classes", None)
     self.freeze.check(self.model.params)
     is_model = isinstance(self.model.module, protocol.Model)
     self.flops_per_token = self.model.module.train_flops_per_token if is_model else None
@@ -105,13 +112,18 @@ class Setup:
       return self._step.lower(self.abstract_with_shardings(), batch).compile()
 
   def batch_to_device(self, batch):
+    if self.num_classes and "label" in batch and isinstance(batch["label"], np.ndarray):
+      classification.check_labels(batch["label"], self.num_classes)
     return pipeline.to_global(batch, lambda ndim: partitioning.batch_sharding(self.mesh, ndim))
 
   def _forward(self, params, model_state, batch, rngs):
     """(loss + the model's AuxLoss terms, (metrics, the model state after the forward))."""
     model = train_state.merge(self.graphdef, params, train_state.zeros_like(self.model.aux),
                               model_state)
-    loss, metrics = self.loss_fn(model, batch, rngs=rngs)
+    rows = (peft.bank_index(batch["bank_index"]) if "bank_index" in batch
+            else contextlib.nullcontext())  # each row its own tuned model (peft banks)
+    with rows:
+      loss, metrics = self.loss_fn(model, batch, rngs=rngs)
     aux_loss, aux_metrics = train_state.aux_terms(model)
     if aux_loss is not None:
       loss = loss + aux_loss
@@ -223,12 +235,14 @@ def _check_vocabulary(task: str, setup: Setup) -> None:
                       f"{feature.vocabulary.vocab_size}")
 
 
-def _initialise_from(setup: Setup, state: TrainState, init_from: str) -> TrainState:
+def _initialise_from(setup: Setup, state: TrainState, init_from: str):
   """Parameters and model state from another run where their paths exist there; the fresh
-  initialisation elsewhere. The optimizer state starts fresh."""
+  initialisation elsewhere. The optimizer state starts fresh. Returns (state, the run's step,
+  the parameter paths it lacked)."""
   source = checkpoints.Checkpointer(os.path.join(_absolute(init_from), "checkpoints"),
                                     read_only=True)
   abstract = setup.abstract_with_shardings()
+  base_step = source.latest_step()
   try:
     restored, new = source.restore_by_path(
         {"params": abstract.params, "model_state": abstract.model_state},
@@ -238,7 +252,47 @@ def _initialise_from(setup: Setup, state: TrainState, init_from: str) -> TrainSt
   count = len(jax.tree.leaves(restored)) - len(new)
   print(f"Initialised {count} arrays from {init_from}; newly initialised: "
         f"{', '.join(p.removeprefix('params/') for p in new) or 'none'}")
-  return TrainState(state.step, restored["params"], state.opt_state, restored["model_state"])
+  state = TrainState(state.step, restored["params"], state.opt_state, restored["model_state"])
+  return state, base_step, {p.removeprefix("params/") for p in new if p.startswith("params/")}
+
+
+def _start_delta(setup: Setup, state: TrainState, init_from: str, base_step: int,
+                 new: set[str], model_dir: str) -> delta_lib.Delta | None:
+  """A run that starts from another and freezes some of its parameters stores only the rest
+  (peft/delta.py); None when nothing is frozen."""
+  trainable, frozen = setup.freeze.partition(state.params)
+  if not jax.tree.leaves(frozen):
+    return None
+  from_base = {p: x for p, x in delta_lib.flat(frozen).items() if p not in new}
+  stored = [p for p in delta_lib.flat(state.params) if p not in from_base]
+  delta = delta_lib.create(_absolute(init_from), base_step, from_base, stored)
+  delta.write(model_dir)
+  stored_bytes = train_state.num_bytes(delta.stored_params(state.params))
+  print(f"Checkpoints store a delta: {len(stored)} arrays, {stored_bytes / 2**20:.2f} MiB "
+        f"(trainable {train_state.num_bytes(trainable) / 2**20:.2f} MiB); the other "
+        f"{len(from_base)} come from {init_from} (fingerprint {delta.fingerprint})")
+  return delta
+
+
+def _restore(setup: Setup, ckpt: checkpoints.Checkpointer, delta: delta_lib.Delta | None,
+             context: str):
+  """(state, data position) of the latest checkpoint, a delta run's parameters composed with
+  its base's; None without a checkpoint."""
+  abstract = setup.abstract_with_shardings()
+  if delta is None:
+    return ckpt.restore(abstract)
+  restored = ckpt.restore(dataclasses.replace(abstract,
+                                              params=delta.stored_params(abstract.params)))
+  if restored is None:
+    return None
+  state, position = restored
+  params = delta.compose(abstract.params, delta_lib.flat(state.params), context)
+  return dataclasses.replace(state, params=params), position
+
+
+def _to_save(state: TrainState, delta: delta_lib.Delta | None) -> TrainState:
+  return state if delta is None else dataclasses.replace(
+      state, params=delta.stored_params(state.params))
 
 
 def _stages(sequence_length: int | None, num_steps: int | None,
@@ -259,11 +313,13 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
           log_every: int = 50, eval_every: int = 500, eval_batches: int = 10,
           eval_split: str = "validation", checkpoint_every: int = 1000,
           keep_checkpoints: int = 3, seed: int = 0, init_from: str | None = None,
-          progress: bool = True) -> dict:
+          store_delta: bool = True, progress: bool = True) -> dict:
   """Trains `model` on `task` into `model_dir` (resuming from its latest checkpoint).
 
   `init_from`: another run's model_dir whose latest parameters start this run (finetuning);
   parameters it lacks (a new head) keep their fresh initialisation. Ignored when resuming.
+  `store_delta`: when init_from is set and parameters are frozen (peft/), checkpoints hold
+  only the rest, and loading reads the frozen ones from init_from (peft/delta.py).
 
   Returns the last logged train and eval metrics.
   """
@@ -291,7 +347,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
           f"{train_state.num_elements(setup.model.params):,} parameters (trainable_params: "
           f"trainable={list(setup.freeze.trainable)}, frozen={list(setup.freeze.frozen)})")
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep_checkpoints)
-  restored = ckpt.restore(setup.abstract_with_shardings())
+  delta = delta_lib.Delta.read(model_dir)
+  restored = _restore(setup, ckpt, delta, model_dir)
   if restored:
     state, position = restored
     position = _this_hosts_position(position)
@@ -303,8 +360,11 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
     print(f"Resuming from step {int(state.step)} in {model_dir}")
   else:
     state, position = setup.init_state(), {"stage": 0, "epoch": 0, "batch": 0}
+    delta = delta_lib.clear(model_dir)  # a fresh start: no stale delta.json survives
     if init_from:
-      state = _initialise_from(setup, state, init_from)
+      state, base_step, new = _initialise_from(setup, state, init_from)
+      if store_delta:
+        delta = _start_delta(setup, state, init_from, base_step, new, model_dir)
   if jax.process_index() == 0:  # only now: a refused model_dir keeps the config it was made by
     with open(os.path.join(model_dir, "config.gin"), "w") as f:
       f.write(gin.config_str())
@@ -367,7 +427,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
                 f"parameters are not finite at step {step}; stopping without saving this "
                 f"state (last checkpoint: step {ckpt.latest_step()}). Lower the learning "
                 "rate or check the data")
-          ckpt.save(step, state, _all_hosts_positions({"stage": stage_index, **data.position}))
+          ckpt.save(step, _to_save(state, delta),
+                    _all_hosts_positions({"stage": stage_index, **data.position}))
         t0 += time.perf_counter() - paused
       stage_start = stage_end
       position = {"stage": stage_index + 1, "epoch": 0, "batch": 0}
@@ -399,8 +460,10 @@ def evaluate_checkpoint(model_dir: str, split: str = "validation") -> dict:
   setup = Setup(q("model"), q("loss_fn"), sum(n for n, _ in stage_list),
                 seed=q("seed", 0))
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), read_only=True)
-  restored = ckpt.restore(setup.abstract_with_shardings())
-  ckpt.close()
+  try:
+    restored = _restore(setup, ckpt, delta_lib.Delta.read(model_dir), model_dir)
+  finally:
+    ckpt.close()
   if restored is None:
     raise UserError(f"no checkpoint in {model_dir}/checkpoints")
   state, _ = restored

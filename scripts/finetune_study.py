@@ -1,0 +1,133 @@
+"""Finetuning study: from scratch vs full finetuning vs LoRA, Houlsby adapters and prefix
+tuning, on BBC topics and movie-review polarity, from one pretrained tiny BERT.
+
+    python scripts/finetune_study.py --base runs/bert_tiny --out_dir runs/finetune_study
+
+Each arm is one `pretrain-jax train` run (the experiment's gin file + peft/<method>.gin; every
+arm but `scratch` starts from --base); then its whole test split is scored in-process
+(inference/classify.py). Writes results.json, prints a markdown table (test accuracy ± its
+standard error, trainable share, checkpoint bytes, train time) and plots finetune_study.png.
+Arms already finished in --out_dir are reused (delete a run's folder to redo it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = {"bbc": "experiments/bert_tiny_bbc_topic.gin",
+         "polarity": "experiments/bert_tiny_polarity.gin"}
+METHODS = ("scratch", "full", "lora", "adapters", "prefix")
+# Learning rates, from short probes on each task (docs/finetuning.md): the lightweight methods
+# train few weights from zero and take larger steps (LoRA's GLUE runs: 4e-4–5e-4 against full
+# finetuning's 1e-5–3e-5). From scratch uses full finetuning's.
+LEARNING_RATES = {
+    "bbc": {"scratch": 3e-3, "full": 3e-3, "lora": 1e-2, "adapters": 3e-3, "prefix": 1e-2},
+    "polarity": {"scratch": 3e-4, "full": 3e-4, "lora": 3e-3, "adapters": 1e-3,
+                 "prefix": 3e-3},
+}
+
+
+def _peft_gin(method: str) -> str:
+  return "peft/full.gin" if method in ("scratch", "full") else f"peft/{method}.gin"
+
+
+def _bytes(directory: str) -> int:
+  return sum(os.path.getsize(f) for f in glob.glob(f"{directory}/**", recursive=True)
+             if os.path.isfile(f))
+
+
+def run_arm(task: str, method: str, base: str, out_dir: str, extra: list[str]) -> dict:
+  model_dir = os.path.join(out_dir, f"{task}_{method}")
+  done = os.path.join(model_dir, "study.json")
+  if os.path.exists(done):
+    return json.load(open(done))
+  args = [sys.executable, "-m", "pretrain_jax", "train", f"--gin_file={TASKS[task]}",
+          f"--gin_file={_peft_gin(method)}", f"--model_dir={model_dir}", "--no_progress",
+          f"--gin.warmup_linear_decay.learning_rate={LEARNING_RATES[task][method]}", *extra]
+  if method != "scratch":
+    args.append(f"--gin.train.init_from='{os.path.abspath(base)}'")
+  print(f"== {task} / {method}: {' '.join(args[3:])}", flush=True)
+  t0 = time.perf_counter()
+  subprocess.run(args, check=True, cwd=REPO)
+  seconds = time.perf_counter() - t0
+  result = {"task": task, "method": method, "train_seconds": seconds,
+            "checkpoint_bytes": _bytes(os.path.join(model_dir, "checkpoints")),
+            **_score(model_dir)}
+  json.dump(result, open(done, "w"), indent=1)
+  return result
+
+
+def _score(model_dir: str) -> dict:
+  """Test-split metrics and the trainable share, in a fresh gin config of the run's own."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from pretrain_jax import registry  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  from pretrain_jax.config import configure  # pylint: disable=import-outside-toplevel
+  from pretrain_jax.inference import classify  # pylint: disable=import-outside-toplevel
+  from pretrain_jax.training import info  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  configure([os.path.join(model_dir, "config.gin")], [])
+  counts = info.model_info()
+  return {**classify.evaluate(model_dir, "test"),
+          "trainable_params": counts["trainable_params"], "total_params": counts["total_params"],
+          "trainable_fraction": counts["trainable_fraction"]}
+
+
+def table(results: list[dict]) -> str:
+  lines = ["| task | method | test accuracy | trainable | checkpoint | train time |",
+           "|---|---|---:|---:|---:|---:|"]
+  for r in results:
+    lines.append(f"| {r['task']} | {r['method']} | {r['accuracy']:.3f} ± "
+                 f"{r['accuracy_stderr']:.3f} (n = {r['examples']}) | "
+                 f"{r['trainable_fraction']:.2%} ({r['trainable_params']:,}) | "
+                 f"{r['checkpoint_bytes'] / 2**20:.2f} MiB | {r['train_seconds']:.0f} s |")
+  return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  tasks = sorted({r["task"] for r in results})
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    rows = [r for r in results if r["task"] == task]
+    xs = range(len(rows))
+    ax.bar(xs, [r["accuracy"] for r in rows], yerr=[r["accuracy_stderr"] for r in rows],
+           capsize=4, color=["#999999" if r["method"] == "scratch" else "#3b75af"
+                             for r in rows])
+    ax.set_xticks(list(xs), [f"{r['method']}\n{r['trainable_fraction']:.1%}" for r in rows])
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{task}: test accuracy (± s.e.), trainable share")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--base", required=True, help="the pretrained BERT run (quickstart's)")
+  parser.add_argument("--out_dir", default="runs/finetune_study")
+  parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  parser.add_argument("--gin", action="append", default=[],
+                      help="extra binding for every arm, e.g. --gin train.num_steps=20")
+  parser.add_argument("--plot", default=None, help="default: OUT_DIR/finetune_study.png")
+  args = parser.parse_args()
+  os.makedirs(args.out_dir, exist_ok=True)
+  extra = [f"--gin.{b}" for b in args.gin]
+  results = [run_arm(t, m, args.base, args.out_dir, extra)
+             for t in args.tasks for m in args.methods]
+  json.dump(results, open(os.path.join(args.out_dir, "results.json"), "w"), indent=1)
+  print(table(results))
+  plot(results, args.plot or os.path.join(args.out_dir, "finetune_study.png"))
+
+
+if __name__ == "__main__":
+  main()
