@@ -1,9 +1,9 @@
 """Finetuning study: from scratch vs full finetuning vs LoRA, Houlsby adapters and prefix
-tuning, on BBC topics and movie-review polarity, from one pretrained tiny BERT.
+tuning, on BBC topics and movie-review polarity, from one pretrained tiny model.
 
     python scripts/finetune_study.py --base runs/bert_tiny --out_dir runs/finetune_study
 
-Each arm is one `pretrain-jax train` run (the experiment's gin file + peft/<method>.gin; every
+Each arm is one `pretrain-jax train` run (the experiment's gin files + peft/<method>.gin; every
 arm but `scratch` starts from --base); then its whole test split is scored in-process
 (inference/classify.py). Writes results.json, prints a markdown table (test accuracy ± its
 standard error, trainable share, checkpoint bytes, train time) and plots finetune_study.png.
@@ -21,16 +21,19 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = {"bbc": "experiments/bert_tiny_bbc_topic.gin",
-         "polarity": "experiments/bert_tiny_polarity.gin"}
+TASKS = {  # family -> task -> the experiment's gin files
+    "bert": {"bbc": ["experiments/bert_tiny_bbc_topic.gin"],
+             "polarity": ["experiments/bert_tiny_polarity.gin"]},
+}
 METHODS = ("scratch", "full", "lora", "adapters", "prefix")
 # Learning rates, from short probes on each task (docs/finetuning.md): the lightweight methods
 # train few weights from zero and take larger steps (LoRA's GLUE runs: 4e-4–5e-4 against full
 # finetuning's 1e-5–3e-5). From scratch uses full finetuning's.
 LEARNING_RATES = {
-    "bbc": {"scratch": 3e-3, "full": 3e-3, "lora": 1e-2, "adapters": 3e-3, "prefix": 1e-2},
-    "polarity": {"scratch": 3e-4, "full": 3e-4, "lora": 3e-3, "adapters": 1e-3,
-                 "prefix": 3e-3},
+    ("bert", "bbc"): {"scratch": 3e-3, "full": 3e-3, "lora": 1e-2, "adapters": 3e-3,
+                      "prefix": 1e-2},
+    ("bert", "polarity"): {"scratch": 3e-4, "full": 3e-4, "lora": 3e-3, "adapters": 1e-3,
+                           "prefix": 3e-3},
 }
 
 
@@ -43,21 +46,24 @@ def _bytes(directory: str) -> int:
              if os.path.isfile(f))
 
 
-def run_arm(task: str, method: str, base: str, out_dir: str, extra: list[str]) -> dict:
-  model_dir = os.path.join(out_dir, f"{task}_{method}")
+def run_arm(family: str, task: str, method: str, base: str, out_dir: str,
+            extra: list[str]) -> dict:
+  model_dir = os.path.join(out_dir, f"{family}_{task}_{method}")
   done = os.path.join(model_dir, "study.json")
   if os.path.exists(done):
     return json.load(open(done))
-  args = [sys.executable, "-m", "pretrain_jax", "train", f"--gin_file={TASKS[task]}",
+  args = [sys.executable, "-m", "pretrain_jax", "train",
+          *[f"--gin_file={f}" for f in TASKS[family][task]],
           f"--gin_file={_peft_gin(method)}", f"--model_dir={model_dir}", "--no_progress",
-          f"--gin.warmup_linear_decay.learning_rate={LEARNING_RATES[task][method]}", *extra]
+          f"--gin.warmup_linear_decay.learning_rate={LEARNING_RATES[family, task][method]}",
+          *extra]
   if method != "scratch":
     args.append(f"--gin.train.init_from='{os.path.abspath(base)}'")
-  print(f"== {task} / {method}: {' '.join(args[3:])}", flush=True)
+  print(f"== {family} {task} / {method}: {' '.join(args[3:])}", flush=True)
   t0 = time.perf_counter()
   subprocess.run(args, check=True, cwd=REPO)
   seconds = time.perf_counter() - t0
-  result = {"task": task, "method": method, "train_seconds": seconds,
+  result = {"family": family, "task": task, "method": method, "train_seconds": seconds,
             "checkpoint_bytes": _bytes(os.path.join(model_dir, "checkpoints")),
             **_score(model_dir)}
   json.dump(result, open(done, "w"), indent=1)
@@ -80,10 +86,10 @@ def _score(model_dir: str) -> dict:
 
 
 def table(results: list[dict]) -> str:
-  lines = ["| task | method | test accuracy | trainable | checkpoint | train time |",
-           "|---|---|---:|---:|---:|---:|"]
+  lines = ["| model | task | method | test accuracy | trainable | checkpoint | train time |",
+           "|---|---|---|---:|---:|---:|---:|"]
   for r in results:
-    lines.append(f"| {r['task']} | {r['method']} | {r['accuracy']:.3f} ± "
+    lines.append(f"| {r['family']} | {r['task']} | {r['method']} | {r['accuracy']:.3f} ± "
                  f"{r['accuracy_stderr']:.3f} (n = {r['examples']}) | "
                  f"{r['trainable_fraction']:.2%} ({r['trainable_params']:,}) | "
                  f"{r['checkpoint_bytes'] / 2**20:.2f} MiB | {r['train_seconds']:.0f} s |")
@@ -94,17 +100,17 @@ def plot(results: list[dict], path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  tasks = sorted({r["task"] for r in results})
+  tasks = sorted({(r["family"], r["task"]) for r in results})
   fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
   for ax, task in zip(axes[0], tasks):
-    rows = [r for r in results if r["task"] == task]
+    rows = [r for r in results if (r["family"], r["task"]) == task]
     xs = range(len(rows))
     ax.bar(xs, [r["accuracy"] for r in rows], yerr=[r["accuracy_stderr"] for r in rows],
            capsize=4, color=["#999999" if r["method"] == "scratch" else "#3b75af"
                              for r in rows])
     ax.set_xticks(list(xs), [f"{r['method']}\n{r['trainable_fraction']:.1%}" for r in rows])
     ax.set_ylim(0, 1)
-    ax.set_title(f"{task}: test accuracy (± s.e.), trainable share")
+    ax.set_title(f"{task[0]} · {task[1]}: test accuracy (± s.e.)", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -114,7 +120,8 @@ def main() -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--base", required=True, help="the pretrained BERT run (quickstart's)")
   parser.add_argument("--out_dir", default="runs/finetune_study")
-  parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+  parser.add_argument("--family", default="bert", choices=list(TASKS))
+  parser.add_argument("--tasks", nargs="+", default=None, help="default: all of the family's")
   parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
   parser.add_argument("--gin", action="append", default=[],
                       help="extra binding for every arm, e.g. --gin train.num_steps=20")
@@ -122,8 +129,16 @@ def main() -> None:
   args = parser.parse_args()
   os.makedirs(args.out_dir, exist_ok=True)
   extra = [f"--gin.{b}" for b in args.gin]
-  results = [run_arm(t, m, args.base, args.out_dir, extra)
-             for t in args.tasks for m in args.methods]
+  tasks = args.tasks or list(TASKS[args.family])
+  unknown = sorted(set(tasks) - set(TASKS[args.family]))
+  if unknown:
+    parser.error(f"--tasks {unknown[0]} is not one of {args.family}'s: {list(TASKS[args.family])}")
+  for t in tasks:
+    for m in args.methods:
+      run_arm(args.family, t, m, args.base, args.out_dir, extra)
+  results = [json.load(open(f)) for f in sorted(glob.glob(f"{args.out_dir}/*/study.json"))]
+  order = {m: i for i, m in enumerate(METHODS)}
+  results.sort(key=lambda r: (r["family"], r["task"], order[r["method"]]))
   json.dump(results, open(os.path.join(args.out_dir, "results.json"), "w"), indent=1)
   print(table(results))
   plot(results, args.plot or os.path.join(args.out_dir, "finetune_study.png"))

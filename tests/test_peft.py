@@ -355,3 +355,46 @@ def test_a_prefix_tuned_gpt_decodes_through_its_cache_as_its_full_forward():
   assert np.abs(full - np.asarray(_gpt()(jnp.asarray(tokens)))[0]).max() > 1e-3
   np.testing.assert_allclose(helpers.cached_logits(model, tokens, prefill=4), full, rtol=1e-5,
                              atol=1e-5)
+
+
+# Whole-split evaluation ------------------------------------------------------------------------
+
+def test_a_classifier_is_scored_on_every_example_of_a_split_once():
+  """101 BBC test articles in batches of 32: the last batch is padded, the pads dropped, and
+  each prediction is the row's own argmax."""
+  import seqio  # pylint: disable=import-outside-toplevel
+  from pretrain_jax.data import glue  # pylint: disable=import-outside-toplevel
+  from pretrain_jax.inference import classify  # pylint: disable=import-outside-toplevel
+  from pretrain_jax.models import gpt  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  bert = _classifier(cfg=BertConfig(vocab_size=8064, hidden=32, num_layers=1, num_heads=2,
+                                    mlp_dim=64, max_positions=32))
+  import helpers  # pylint: disable=import-outside-toplevel
+  bert = helpers.perturbed(bert, 0)
+  gpt_cfg = gpt.GptConfig(vocab_size=8192, hidden=32, num_layers=1, num_heads=2, mlp_dim=64,
+                          max_positions=32)
+  decoder = helpers.perturbed(gpt.GptClassifier(gpt_cfg, 5, rngs=nnx.Rngs(0)), 0)
+  _randomise(decoder, "classifier/bias", scale=0.0)
+  _randomise(decoder, "classifier/kernel", scale=5.0)
+  for model, task, converter in (
+      (bert, "bbc_topic_bert", glue.BertClassificationFeatureConverter()),
+      (decoder, "bbc_topic_gpt", None)):
+    from pretrain_jax.data import tasks  # pylint: disable=import-outside-toplevel
+    converter = converter or tasks.feature_converter(task)
+    labels, predictions = classify.predict_split(model, task, 32, converter, "test",
+                                                 batch_size=32)
+    rows = list(seqio.get_dataset(task, {"inputs": 32, "targets": 32}, converter,
+                                  dataset_split="test", shuffle=False,
+                                  verbose=False).as_numpy_iterator())
+    assert labels.size == predictions.size == len(rows) == 101
+    np.testing.assert_array_equal(labels, [r["label"] for r in rows])
+    for i in (0, 63, 100):  # a first, a middle and the padded last batch's real row
+      one = {k: jnp.asarray(v[None]) for k, v in rows[i].items() if k != "label"}
+      if "tokens" in one:
+        from pretrain_jax.objectives import classification  # pylint: disable=import-outside-toplevel
+        expected = int(jnp.argmax(classification.predict(model, one["tokens"])[0]))
+      else:
+        expected = int(jnp.argmax(model(one["input_ids"], one["token_type_ids"])[0]))
+      assert predictions[i] == expected
+    if task == "bbc_topic_gpt":  # a random BERT's pooled [CLS] barely depends on the input
+      assert len(set(predictions.tolist())) > 1  # so the rows' order is checked here

@@ -27,10 +27,10 @@ def _forward(model):
 
   def predict(state, batch):
     module = nnx.merge(graphdef, state)
-    if isinstance(module, protocol.SequenceClassifier):
-      logits_BC = module(batch["input_ids"], batch["token_type_ids"]).astype(jnp.float32)
-    elif isinstance(module, protocol.Classifier):
+    if isinstance(module, protocol.Classifier):  # first: a GPT classifier also has num_classes
       logits_BC = jnp.log(classification.predict(module, batch["tokens"]))
+    elif isinstance(module, protocol.SequenceClassifier):
+      logits_BC = module(batch["input_ids"], batch["token_type_ids"]).astype(jnp.float32)
     else:
       raise UserError(f"{type(module).__name__} is not a classifier (BERT's bert_classifier "
                       "or GPT's gpt_classifier)")
