@@ -344,6 +344,20 @@ def test_lora_at_init_is_exactly_gpt_and_t5_and_adapters_nearly():
     np.testing.assert_allclose(np.asarray(model(inputs)), base, atol=1e-3 * np.abs(base).max())
 
 
+def test_lora_reaches_a_module_that_t5s_shared_row_holds_twice():
+  from pretrain_jax.models import t5  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  cfg = t5.T5Config(vocab_size=50, d_model=32, num_heads=4, d_kv=8, d_ff=48, num_layers=2,
+                    dropout_rate=0.0, relative_buckets=8, relative_max_distance=16,
+                    architecture="encoder_decoder_shared")
+  factory = lambda s: t5.T5(cfg, rngs=nnx.Rngs(s))
+  model = peft.Finetune((lora.Lora(rank=2, targets=("/attention/query$",)),)).wrap(factory)(0)
+  encoder_q = model.encoder.layers.block.attention.query
+  assert isinstance(encoder_q, lora.LoraDense)
+  assert model.decoder.layers.block.attention.query is encoder_q
+  np.testing.assert_array_equal(np.asarray(model(T5_BATCH)), np.asarray(factory(0)(T5_BATCH)))
+
+
 def test_a_prefix_tuned_gpt_decodes_through_its_cache_as_its_full_forward():
   """`generate` reads a prefix-tuned run: the cache holds the tokens, every call reads the
   prefix in front of it."""

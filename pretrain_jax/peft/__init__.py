@@ -46,11 +46,14 @@ def module_at(root: nnx.Module, path: str) -> nnx.Module:
 
 
 def replace(root: nnx.Module, path: str, new: nnx.Module) -> None:
-  parent = root
-  *parents, name = path.split("/")
-  for part in parents:
-    parent = getattr(parent, part)
-  setattr(parent, name, new)
+  """Puts `new` where the module at `path` is, and wherever else that same module is held
+  (T5's shared encoder-decoder hands the encoder's attention to the decoder)."""
+  old = module_at(root, path)
+  holders = [root] + [m for _, m in modules(root)]
+  for holder in holders:
+    for name, value in list(vars(holder).items()):
+      if value is old and not name.startswith("_"):
+        setattr(holder, name, new)
 
 
 def select(root: nnx.Module, patterns: Sequence[str], kind: type, method: str) -> list[str]:
