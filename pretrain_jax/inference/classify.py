@@ -35,15 +35,16 @@ def _forward(model):
       raise UserError(f"{type(module).__name__} is not a classifier (BERT's bert_classifier "
                       "or GPT's gpt_classifier)")
     return logits_BC[:, 0] if logits_BC.shape[-1] == 1 else jnp.argmax(logits_BC, axis=-1)
-  return lambda batch: jax.jit(predict)(state, batch)
+  jitted = jax.jit(predict)  # once: every batch has the same shapes
+  return lambda batch: jitted(state, batch)
 
 
 def predict_split(model, task: str, sequence_length: int, converter, split: str,
                   batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
   """(labels, predictions) of every example of `split`; the last batch is padded by
   repeating its final row, and the repeats are dropped."""
-  ds = seqio.get_dataset(task, pipeline.feature_lengths(sequence_length), converter,
-                         dataset_split=split, shuffle=False, num_epochs=1, verbose=False)
+  ds = pipeline._dataset(task, pipeline.feature_lengths(sequence_length), converter, split,  # pylint: disable=protected-access
+                         seed=None, shuffle=False)
   rows = list(ds.as_numpy_iterator())
   if not rows:
     raise UserError(f"task {task!r} split {split!r} has no examples")

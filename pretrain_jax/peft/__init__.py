@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 
@@ -115,10 +114,6 @@ def gather_bank(bank_N, batch: int):
   if index_B is None:
     return jnp.broadcast_to(bank_N[0], (batch, *bank_N.shape[1:]))
   return jnp.take(bank_N, index_B, axis=0)
-
-
-def size(shape: Sequence[int]) -> int:
-  return math.prod(shape)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,8 +35,9 @@ def export(model_dir: str, out_dir: str) -> dict:
   with open(os.path.join(model_dir, "config.gin")) as f:
     config_text = f.read()
   gin.bind_parameter("peft.Prefix.reparameterize", False)
-  stages = config.bound("train.stages")
-  num_steps = config.bound("train.num_steps") or sum(int(n) for n, _ in stages)
+  num_steps = sum(n for n, _ in trainer._stages(  # pylint: disable=protected-access
+      config.bound("train.sequence_length"), config.bound("train.num_steps"),
+      config.bound("train.stages")))
   setup = trainer.Setup(config.bound("train.model"), config.bound("train.loss_fn"), num_steps,
                         seed=config.bound("train.seed", 0))
   fresh = setup.init_state()  # fresh optimizer moments, so the export also resumes

@@ -10,6 +10,7 @@ reads its own (A, B) (peft.bank_index), and merging is impossible.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import gin
@@ -29,7 +30,7 @@ class LoraDense(Dense):
   def __init__(self, base: Dense, rank: int, alpha: float, dropout_rate: float,
                bank_size: int, *, rngs: nnx.Rngs | None):
     peft.adopt(self, base)
-    fan_in, fan_out = peft.size(base.in_features), peft.size(base.out_features)
+    fan_in, fan_out = math.prod(base.in_features), math.prod(base.out_features)
     lead = peft.leading_axes(base.kernel, len(base.in_features) + len(base.out_features))
     bank = (bank_size,) if bank_size > 1 else ()
     bank_axes = (None,) * len(bank)

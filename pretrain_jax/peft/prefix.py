@@ -14,6 +14,7 @@ several tuned models.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import gin
@@ -34,7 +35,7 @@ class PrefixAttention(MultiHeadAttention):
     peft.adopt(self, base)
     heads, head_dim = base.key.out_features
     v_head_dim = base.value.out_features[1]
-    width = peft.size(base.key.in_features)
+    width = math.prod(base.key.in_features)
     lead = peft.leading_axes(base.key.kernel, 3)
     self.prefix_shape = (length, heads, head_dim, v_head_dim)
     normal = lambda std: nnx.initializers.truncated_normal(std)
