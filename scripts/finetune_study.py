@@ -2,6 +2,7 @@
 tuning, on BBC topics and movie-review polarity, from one pretrained tiny model.
 
     python scripts/finetune_study.py --base runs/bert_tiny --out_dir runs/finetune_study
+    python scripts/finetune_study.py --family gpt --base runs/gpt_tiny --out_dir runs/finetune_study
 
 Each arm is one `pretrain-jax train` run (the experiment's gin files + peft/<method>.gin; every
 arm but `scratch` starts from --base); then its whole test split is scored in-process
@@ -20,10 +21,17 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
+from pretrain_jax.inference import classify
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = {  # family -> task -> the experiment's gin files
     "bert": {"bbc": ["experiments/bert_tiny_bbc_topic.gin"],
              "polarity": ["experiments/bert_tiny_polarity.gin"]},
+    "gpt": {"bbc": ["experiments/gpt_tiny_cpu.gin", "experiments/gpt_tiny_bbc_classifier.gin"],
+            "polarity": ["experiments/gpt_tiny_cpu.gin", "experiments/gpt_tiny_bbc_classifier.gin",
+                         "experiments/gpt_tiny_polarity.gin"]},
 }
 METHODS = ("scratch", "full", "lora", "adapters", "prefix")
 # Learning rates, from short probes on each task (docs/finetuning.md): the lightweight methods
@@ -34,6 +42,12 @@ LEARNING_RATES = {
                       "prefix": 1e-2},
     ("bert", "polarity"): {"scratch": 3e-4, "full": 3e-4, "lora": 3e-3, "adapters": 1e-3,
                            "prefix": 3e-3},
+    # GPT: the classifier recipe's 5e-4 (experiments/gpt_tiny_bbc_classifier.gin) for scratch and
+    # full, BERT's ratios for the rest; not probed.
+    ("gpt", "bbc"): {"scratch": 5e-4, "full": 5e-4, "lora": 3e-3, "adapters": 1e-3,
+                     "prefix": 3e-3},
+    ("gpt", "polarity"): {"scratch": 5e-4, "full": 5e-4, "lora": 3e-3, "adapters": 1e-3,
+                          "prefix": 3e-3},
 }
 
 
@@ -46,12 +60,22 @@ def _bytes(directory: str) -> int:
              if os.path.isfile(f))
 
 
+def _last_checkpoint_bytes(model_dir: str) -> int:
+  """The bytes of the run's final checkpoint (a run may keep earlier steps beside it)."""
+  steps = [int(n) for n in os.listdir(os.path.join(model_dir, "checkpoints")) if n.isdigit()]
+  return _bytes(os.path.join(model_dir, "checkpoints", str(max(steps))))
+
+
 def run_arm(family: str, task: str, method: str, base: str, out_dir: str,
             extra: list[str]) -> dict:
   model_dir = os.path.join(out_dir, f"{family}_{task}_{method}")
   done = os.path.join(model_dir, "study.json")
   if os.path.exists(done):
-    return json.load(open(done))
+    result = json.load(open(done))
+    if "predictions" not in result:  # scored before per-example predictions were kept
+      result.update(_score(model_dir), checkpoint_bytes=_last_checkpoint_bytes(model_dir))
+      json.dump(result, open(done, "w"), indent=1)
+    return result
   args = [sys.executable, "-m", "pretrain_jax", "train",
           *[f"--gin_file={f}" for f in TASKS[family][task]],
           f"--gin_file={_peft_gin(method)}", f"--model_dir={model_dir}", "--no_progress",
@@ -64,7 +88,7 @@ def run_arm(family: str, task: str, method: str, base: str, out_dir: str,
   subprocess.run(args, check=True, cwd=REPO)
   seconds = time.perf_counter() - t0
   result = {"family": family, "task": task, "method": method, "train_seconds": seconds,
-            "checkpoint_bytes": _bytes(os.path.join(model_dir, "checkpoints")),
+            "checkpoint_bytes": _last_checkpoint_bytes(model_dir),
             **_score(model_dir)}
   json.dump(result, open(done, "w"), indent=1)
   return result
@@ -75,22 +99,37 @@ def _score(model_dir: str) -> dict:
   import gin  # pylint: disable=import-outside-toplevel
   from pretrain_jax import registry  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   from pretrain_jax.config import configure  # pylint: disable=import-outside-toplevel
-  from pretrain_jax.inference import classify  # pylint: disable=import-outside-toplevel
   from pretrain_jax.training import info  # pylint: disable=import-outside-toplevel
   gin.clear_config()
   configure([os.path.join(model_dir, "config.gin")], [])
   counts = info.model_info()
-  return {**classify.evaluate(model_dir, "test"),
+  return {**classify.evaluate(model_dir, "test", per_example=True),
           "trainable_params": counts["trainable_params"], "total_params": counts["total_params"],
           "trainable_fraction": counts["trainable_fraction"]}
 
 
+def _correct(r: dict) -> np.ndarray:
+  return np.asarray(r["labels"]) == np.asarray(r["predictions"])
+
+
 def table(results: list[dict]) -> str:
-  lines = ["| model | task | method | test accuracy | trainable | checkpoint | train time |",
-           "|---|---|---|---:|---:|---:|---:|"]
+  """Markdown; "vs scratch" / "vs full" are accuracy differences on the same test examples with
+  their exact McNemar p-values (inference/classify.py)."""
+  by_arm = {(r["family"], r["task"], r["method"]): r for r in results}
+
+  def versus(r: dict, method: str) -> str:
+    other = by_arm.get((r["family"], r["task"], method))
+    if other is None or other is r or "predictions" not in r or "predictions" not in other:
+      return "—"
+    return (f"{r['accuracy'] - other['accuracy']:+.3f} "
+            f"(p = {classify.mcnemar_p(_correct(r), _correct(other)):.2g})")
+
+  lines = ["| model | task | method | test accuracy | vs scratch (paired p) | vs full | "
+           "trainable | checkpoint | train time |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
   for r in results:
     lines.append(f"| {r['family']} | {r['task']} | {r['method']} | {r['accuracy']:.3f} ± "
-                 f"{r['accuracy_stderr']:.3f} (n = {r['examples']}) | "
+                 f"{r['accuracy_stderr']:.3f} (n = {r['examples']}) | {versus(r, 'scratch')} | "
+                 f"{versus(r, 'full') if r['method'] != 'scratch' else '—'} | "
                  f"{r['trainable_fraction']:.2%} ({r['trainable_params']:,}) | "
                  f"{r['checkpoint_bytes'] / 2**20:.2f} MiB | {r['train_seconds']:.0f} s |")
   return "\n".join(lines)
@@ -118,7 +157,7 @@ def plot(results: list[dict], path: str) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--base", required=True, help="the pretrained BERT run (quickstart's)")
+  parser.add_argument("--base", required=True, help="the family's pretrained run (BERT: the quickstart's; GPT: experiments/gpt_tiny_cpu.gin)")
   parser.add_argument("--out_dir", default="runs/finetune_study")
   parser.add_argument("--family", default="bert", choices=list(TASKS))
   parser.add_argument("--tasks", nargs="+", default=None, help="default: all of the family's")

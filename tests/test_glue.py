@@ -119,6 +119,22 @@ def test_correlations_degenerate_cases_match_scipy(targets, predictions):
                _scipy(scipy.stats.spearmanr, targets, predictions))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_mcnemar_matches_scipy_binomial_test_on_the_discordant_pairs(seed):
+  from pretrain_jax.inference import classify  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(20, 500))
+  a = rng.random(n) < rng.uniform(0.5, 0.95)
+  b = np.where(rng.random(n) < 0.8, a, rng.random(n) < 0.6)  # mostly agreeing, as paired runs do
+  only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+  expected = (scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue
+              if only_a + only_b else 1.0)
+  assert math.isclose(classify.mcnemar_p(a, b), expected, rel_tol=1e-9)
+  assert classify.mcnemar_p(a, a) == 1.0
+  with pytest.raises(UserError, match="different lengths: 3 and 2"):
+    classify.mcnemar_p([1, 0, 1], [1, 0])
+
+
 def test_metric_table_and_bad_input():
   names = lambda fns: [fn.__name__ for fn in fns]  # noqa: E731
   assert names(glue.glue_metrics("cola")) == ["matthews_corrcoef"]

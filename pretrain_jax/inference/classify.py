@@ -67,9 +67,11 @@ def is_classifier_run() -> bool:
                                              "final_token_classifier_loss")
 
 
-def evaluate(model_dir: str, split: str = "test", batch_size: int = 64) -> dict:
+def evaluate(model_dir: str, split: str = "test", batch_size: int = 64,
+             per_example: bool = False) -> dict:
   """The task's metric functions over every example of `split` for the run in `model_dir`
-  (its config.gin already parsed), with accuracy's standard error √(p(1−p)/n)."""
+  (its config.gin already parsed), with accuracy's standard error √(p(1−p)/n); `per_example`
+  adds the `labels` and `predictions` lists (in the split's order, for paired comparisons)."""
   model, _, step = loading.load(model_dir)
   task = config.bound("train.task")
   lengths = config.bound("train.sequence_length")
@@ -82,4 +84,22 @@ def evaluate(model_dir: str, split: str = "test", batch_size: int = 64) -> dict:
     p = float(np.mean(labels == predictions))
     result["accuracy"] = p
     result["accuracy_stderr"] = math.sqrt(p * (1 - p) / labels.size)
+  if per_example:
+    result.update(labels=labels.tolist(), predictions=predictions.tolist())
   return result
+
+
+def mcnemar_p(correct_a, correct_b) -> float:
+  """Exact two-sided McNemar p-value: do two classifiers scored on the same examples differ?
+
+  Only the examples one gets right and the other wrong count; under "no difference" each such
+  example is a fair coin, so the p-value is a binomial tail over them. Paired, so it sees a
+  difference that two accuracies' separate standard errors blur.
+  """
+  a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+  if a.shape != b.shape:
+    raise UserError(f"paired scores of different lengths: {a.size} and {b.size} examples")
+  only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+  n = only_a + only_b
+  tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
+  return min(1.0, 2 * tail)
