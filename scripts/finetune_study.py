@@ -21,9 +21,13 @@ import subprocess
 import sys
 import time
 
+import gin
 import numpy as np
 
+from pretrain_jax import registry  # noqa: F401  pylint: disable=unused-import
+from pretrain_jax.config import configure
 from pretrain_jax.inference import classify
+from pretrain_jax.training import info
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = {  # family -> task -> the experiment's gin files
@@ -71,11 +75,7 @@ def run_arm(family: str, task: str, method: str, base: str, out_dir: str,
   model_dir = os.path.join(out_dir, f"{family}_{task}_{method}")
   done = os.path.join(model_dir, "study.json")
   if os.path.exists(done):
-    result = json.load(open(done))
-    if "predictions" not in result:  # scored before per-example predictions were kept
-      result.update(_score(model_dir), checkpoint_bytes=_last_checkpoint_bytes(model_dir))
-      json.dump(result, open(done, "w"), indent=1)
-    return result
+    return json.load(open(done))
   args = [sys.executable, "-m", "pretrain_jax", "train",
           *[f"--gin_file={f}" for f in TASKS[family][task]],
           f"--gin_file={_peft_gin(method)}", f"--model_dir={model_dir}", "--no_progress",
@@ -96,10 +96,6 @@ def run_arm(family: str, task: str, method: str, base: str, out_dir: str,
 
 def _score(model_dir: str) -> dict:
   """Test-split metrics and the trainable share, in a fresh gin config of the run's own."""
-  import gin  # pylint: disable=import-outside-toplevel
-  from pretrain_jax import registry  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  from pretrain_jax.config import configure  # pylint: disable=import-outside-toplevel
-  from pretrain_jax.training import info  # pylint: disable=import-outside-toplevel
   gin.clear_config()
   configure([os.path.join(model_dir, "config.gin")], [])
   counts = info.model_info()
@@ -119,7 +115,7 @@ def table(results: list[dict]) -> str:
 
   def versus(r: dict, method: str) -> str:
     other = by_arm.get((r["family"], r["task"], method))
-    if other is None or other is r or "predictions" not in r or "predictions" not in other:
+    if other is None or other is r:
       return "—"
     return (f"{r['accuracy'] - other['accuracy']:+.3f} "
             f"(p = {classify.mcnemar_p(_correct(r), _correct(other)):.2g})")
