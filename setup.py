@@ -27,6 +27,7 @@ setuptools.setup(
         "tensorboard",  # tf.summary needs it; tensorflow no longer depends on it
         "tqdm",
         "matplotlib",
+        "safetensors",  # import-bert reads Hugging Face checkpoints
     ],
     extras_require={
         "dev": ["pytest", "scikit-learn", "scipy"],  # the metric tests' references

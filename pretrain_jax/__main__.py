@@ -1,7 +1,8 @@
 """Command line: python -m pretrain_jax VERB --gin_file=F [--gin.NAME=VALUE ...] [flags].
 
 Verbs: train, eval, show-data, generate, icl, info, export (a prefix-tuned run with its
-prefixes stored plain, into --out_dir). Bad input ends in one line on stderr and
+prefixes stored plain, into --out_dir), import-bert (a local Hugging Face BERT directory as a
+run directory --out_dir, for train.init_from). Bad input ends in one line on stderr and
 exit status 2. eval, generate and icl read MODEL_DIR/config.gin when no --gin_file is given.
 """
 
@@ -14,7 +15,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow only feeds data here
 
-VERBS = ("train", "eval", "show-data", "generate", "icl", "info", "export")
+VERBS = ("train", "eval", "show-data", "generate", "icl", "info", "export", "import-bert")
 
 
 def _parse(argv):
@@ -24,7 +25,8 @@ def _parse(argv):
   parser.add_argument("--gin_file", action="append", default=[],
                       help="gin file (repeatable); relative paths also resolve in gin_configs/")
   parser.add_argument("--model_dir", help="checkpoints, metrics.jsonl, TensorBoard, config.gin")
-  parser.add_argument("--out_dir", help="export: the new run directory")
+  parser.add_argument("--out_dir", help="export, import-bert: the new run directory")
+  parser.add_argument("--hf_dir", help="import-bert: config.json, model.safetensors, vocab.txt")
   parser.add_argument("--task", help="show-data: task or mixture name")
   parser.add_argument("--split", help="show-data: default train; eval: default validation")
   parser.add_argument("--num", type=int, default=None,
@@ -119,6 +121,12 @@ def main(argv=None) -> int:
       import json
       from pretrain_jax.peft import export
       print(json.dumps(export.export(args.model_dir, args.out_dir)))
+    elif args.verb == "import-bert":
+      if not (args.hf_dir and args.out_dir):
+        raise UserError("import-bert needs --hf_dir (a Hugging Face BERT directory) and --out_dir")
+      import json
+      from pretrain_jax.models import bert_import
+      print(json.dumps(bert_import.import_bert(args.hf_dir, args.out_dir)))
     elif args.verb == "info":
       from pretrain_jax.training import info
       info.main(as_json=args.json)

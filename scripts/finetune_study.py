@@ -3,6 +3,8 @@ tuning, on BBC topics and movie-review polarity, from one pretrained tiny model.
 
     python scripts/finetune_study.py --base runs/bert_tiny --out_dir runs/finetune_study
     python scripts/finetune_study.py --family gpt --base runs/gpt_tiny --out_dir runs/finetune_study
+    python scripts/finetune_study.py --family t5 --base runs/t5_tiny --out_dir runs/finetune_study
+    python scripts/finetune_study.py --family minilm --base runs/minilm --out_dir runs/finetune_study
 
 Each arm is one `pretrain-jax train` run (the experiment's gin files + peft/<method>.gin; every
 arm but `scratch` starts from --base); then its whole test split is scored in-process
@@ -36,7 +38,17 @@ TASKS = {  # family -> task -> the experiment's gin files
     "gpt": {"bbc": ["experiments/gpt_tiny_cpu.gin", "experiments/gpt_tiny_bbc_classifier.gin"],
             "polarity": ["experiments/gpt_tiny_cpu.gin", "experiments/gpt_tiny_bbc_classifier.gin",
                          "experiments/gpt_tiny_polarity.gin"]},
+    "t5": {"bbc": ["experiments/t5_tiny_bbc_topic.gin"],
+           "polarity": ["experiments/t5_tiny_polarity.gin"]},
+    # a real pretrained BERT: `pretrain-jax import-bert` of all-MiniLM-L6-v2 (--base its out_dir)
+    "minilm": {"bbc": ["experiments/minilm_bbc_topic.gin"],
+               "polarity": ["experiments/minilm_polarity.gin"]},
 }
+# The gin name of each family's peak learning rate (T5's Adafactor runs at a constant one).
+LEARNING_RATE_BINDING = {"bert": "warmup_linear_decay.learning_rate",
+                         "gpt": "warmup_linear_decay.learning_rate",
+                         "t5": "rsqrt_decay.learning_rate",
+                         "minilm": "warmup_linear_decay.learning_rate"}
 METHODS = ("scratch", "full", "lora", "adapters", "prefix")
 # Learning rates, from short probes on each task (docs/finetuning.md): the lightweight methods
 # train few weights from zero and take larger steps (LoRA's GLUE runs: 4e-4–5e-4 against full
@@ -52,6 +64,17 @@ LEARNING_RATES = {
                      "prefix": 3e-3},
     ("gpt", "polarity"): {"scratch": 5e-4, "full": 5e-4, "lora": 3e-3, "adapters": 1e-3,
                           "prefix": 3e-3},
+    # T5: its finetuning constant 1e-3 (Raffel et al. §3.1.4) for scratch and full; not probed.
+    ("t5", "bbc"): {"scratch": 1e-3, "full": 1e-3, "lora": 3e-3, "adapters": 3e-3,
+                    "prefix": 3e-3},
+    ("t5", "polarity"): {"scratch": 1e-3, "full": 1e-3, "lora": 3e-3, "adapters": 3e-3,
+                         "prefix": 3e-3},
+    # MiniLM: BERT's range for full finetuning, ×10 for the methods that train new weights
+    # from zero; not probed. From scratch takes the tiny BERT's probed rates' ratio.
+    ("minilm", "bbc"): {"scratch": 3e-4, "full": 1e-4, "lora": 1e-3, "adapters": 1e-3,
+                        "prefix": 3e-3},
+    ("minilm", "polarity"): {"scratch": 3e-4, "full": 1e-4, "lora": 1e-3, "adapters": 1e-3,
+                             "prefix": 3e-3},
 }
 
 
@@ -79,8 +102,10 @@ def run_arm(family: str, task: str, method: str, base: str, out_dir: str,
   args = [sys.executable, "-m", "pretrain_jax", "train",
           *[f"--gin_file={f}" for f in TASKS[family][task]],
           f"--gin_file={_peft_gin(method)}", f"--model_dir={model_dir}", "--no_progress",
-          f"--gin.warmup_linear_decay.learning_rate={LEARNING_RATES[family, task][method]}",
+          f"--gin.{LEARNING_RATE_BINDING[family]}={LEARNING_RATES[family, task][method]}",
           *extra]
+  if family == "minilm":  # the tasks read the imported checkpoint's vocabulary
+    args.append(f"--gin.VOCAB_FILE='{os.path.join(os.path.abspath(base), 'vocab.txt')}'")
   if method != "scratch":
     args.append(f"--gin.train.init_from='{os.path.abspath(base)}'")
   print(f"== {family} {task} / {method}: {' '.join(args[3:])}", flush=True)
@@ -115,7 +140,7 @@ def table(results: list[dict]) -> str:
 
   def versus(r: dict, method: str) -> str:
     other = by_arm.get((r["family"], r["task"], method))
-    if other is None or other is r:
+    if other is None or other is r or "labels" not in r or "labels" not in other:
       return "—"
     return (f"{r['accuracy'] - other['accuracy']:+.3f} "
             f"(p = {classify.mcnemar_p(_correct(r), _correct(other)):.2g})")
@@ -135,17 +160,21 @@ def plot(results: list[dict], path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  tasks = sorted({(r["family"], r["task"]) for r in results})
-  fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
-  for ax, task in zip(axes[0], tasks):
-    rows = [r for r in results if (r["family"], r["task"]) == task]
-    xs = range(len(rows))
-    ax.bar(xs, [r["accuracy"] for r in rows], yerr=[r["accuracy_stderr"] for r in rows],
-           capsize=4, color=["#999999" if r["method"] == "scratch" else "#3b75af"
-                             for r in rows])
-    ax.set_xticks(list(xs), [f"{r['method']}\n{r['trainable_fraction']:.1%}" for r in rows])
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{task[0]} · {task[1]}: test accuracy (± s.e.)", fontsize=10)
+  families = sorted({r["family"] for r in results})
+  tasks = sorted({r["task"] for r in results})
+  fig, axes = plt.subplots(len(families), len(tasks), figsize=(5 * len(tasks),
+                                                               3.4 * len(families)),
+                           squeeze=False)
+  for row, family in enumerate(families):
+    for ax, task in zip(axes[row], tasks):
+      rows = [r for r in results if (r["family"], r["task"]) == (family, task)]
+      xs = range(len(rows))
+      ax.bar(xs, [r["accuracy"] for r in rows], yerr=[r["accuracy_stderr"] for r in rows],
+             capsize=4, color=["#999999" if r["method"] == "scratch" else "#3b75af"
+                               for r in rows])
+      ax.set_xticks(list(xs), [f"{r['method']}\n{r['trainable_fraction']:.1%}" for r in rows])
+      ax.set_ylim(0, 1)
+      ax.set_title(f"{family} · {task}: test accuracy (± s.e.)", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -153,7 +182,8 @@ def plot(results: list[dict], path: str) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--base", required=True, help="the family's pretrained run (BERT: the quickstart's; GPT: experiments/gpt_tiny_cpu.gin)")
+  parser.add_argument("--base", required=True, help="the family's pretrained run (bert: the quickstart's; gpt: experiments/gpt_tiny_cpu.gin; "
+                      "t5: experiments/t5_tiny_span_corruption_cpu.gin; minilm: import-bert's)")
   parser.add_argument("--out_dir", default="runs/finetune_study")
   parser.add_argument("--family", default="bert", choices=list(TASKS))
   parser.add_argument("--tasks", nargs="+", default=None, help="default: all of the family's")

@@ -10,6 +10,8 @@ import warnings
 import zipfile
 
 import gin
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
@@ -17,6 +19,9 @@ import seqio
 import sklearn.metrics
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from flax import nnx
+
+import helpers
 
 from pretrain_jax import config
 from pretrain_jax.data import corpora, glue, tasks, vocabularies
@@ -444,3 +449,52 @@ def test_polarity_task_without_the_file_says_how_to_fetch_it(monkeypatch, tmp_pa
     seqio.get_dataset("polarity_bert", {"inputs": 32, "targets": 32},
                       tasks.feature_converter("polarity_bert"), dataset_split="train",
                       shuffle=False, num_epochs=1)
+
+
+# 6. Text-to-text classification (T5): rank classification -----------------------------------
+
+
+def _tiny_t5(vocab_size=64):
+  from pretrain_jax.models import t5  # pylint: disable=import-outside-toplevel
+  cfg = t5.T5Config(vocab_size=vocab_size, d_model=16, num_heads=2, d_kv=8, d_ff=32,
+                    num_layers=2, dropout_rate=0.0, relative_buckets=8, relative_max_distance=16)
+  return helpers.perturbed(t5.T5(cfg, rngs=nnx.Rngs(0)), seed=1)
+
+
+def test_rank_classification_scores_equal_decoding_each_class_through_the_cache():
+  """class_scores (one teacher-forced batch of B·C rows) against the incremental decoder, one
+  example and one class at a time: the log-likelihood of each class's words + EOS."""
+  from pretrain_jax.inference import classify  # pylint: disable=import-outside-toplevel
+  model = _tiny_t5()
+  encoder_BS = np.array([[5, 6, 7, 8, 1, 0], [9, 10, 1, 0, 0, 0], [11, 12, 13, 14, 15, 1]])
+  targets_CT = np.array([[20, 1, 0], [21, 22, 1], [23, 1, 0]])
+  scores_BC = np.asarray(classify.class_scores(model, jnp.asarray(encoder_BS),
+                                               jnp.asarray(targets_CT)))
+  for b in range(len(encoder_BS)):
+    decoding = model.decoding(encoder_BS[b:b + 1])
+    for c, target in enumerate(targets_CT):
+      words = target[target > 0]
+      logits_LV = helpers.cached_logits(decoding, np.array([[0, *words[:-1]]]), prefill=1)
+      log_p = jax.nn.log_softmax(jnp.asarray(logits_LV, jnp.float32))
+      expected = float(np.sum(np.asarray(log_p)[np.arange(len(words)), words]))
+      assert scores_BC[b, c] == pytest.approx(expected, abs=1e-4), (b, c)
+
+
+def test_text_to_text_split_labels_come_from_the_targets_and_predictions_are_classes(
+    monkeypatch):
+  """predict_split on the T5 polarity task (the fixture): every example once, its label read
+  from its target word, every prediction a class id; class words that do not fit refuse."""
+  from pretrain_jax.inference import classify  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv(corpora.DATA_DIR_ENV, DATA)
+  gin.clear_config()
+  config.configure([], ["feature_lengths.targets_length = 2", "feature_lengths.concatenated = False"])
+  sentences = corpora.polarity_sentences("train")
+  model = _tiny_t5(vocab_size=vocabularies.bbc_sentencepiece().vocab_size)
+  labels, predictions = classify.predict_split(model, "polarity", 32, None, "train",
+                                               batch_size=8)
+  assert labels.tolist() == [s["label"] for s in sentences]
+  assert predictions.shape == labels.shape and set(predictions.tolist()) <= {0, 1}
+  with pytest.raises(UserError, match=r"class words need 2 target tokens, but "
+                                      r"feature_lengths.targets_length=1; set it to >= 2"):
+    classify.class_targets("polarity", 1)
+  gin.clear_config()

@@ -86,3 +86,19 @@ def test_bad_settings_are_refused_up_front(tmp_path):
     configure(["experiments/bert_tiny_cpu.gin"], [binding])
     with pytest.raises(UserError, match=message):
       trainer.train(str(tmp_path / "x"), progress=False)
+
+
+def test_untied_bert_scores_the_mlm_softmax_with_its_own_output_embeddings():
+  """tie_embeddings=False (RemBERT): logits = LN(GELU(W h)) E_outᵀ + b, with E_out a separate
+  [V, D] table; the input table no longer enters the softmax."""
+  cfg = bert.BertConfig(vocab_size=40, hidden=16, num_layers=1, num_heads=2, mlp_dim=32,
+                        max_positions=8, tie_embeddings=False)
+  model = bert.BertForPretraining(cfg, rngs=nnx.Rngs(0))
+  assert model.mlm_output.embedding.shape == (40, 16)
+  h = jax.random.normal(jax.random.key(1), (2, 3, 16))
+  t = np.asarray(model.mlm_norm(bert.gelu(model.mlm_transform(h))))
+  expected = t @ np.asarray(model.mlm_output.embedding[...]).T + np.asarray(model.mlm_bias[...])
+  np.testing.assert_allclose(np.asarray(model.mlm_logits(h)), expected, rtol=1e-5, atol=1e-5)
+  tied = bert.BertForPretraining(bert.BertConfig(**{**cfg.__dict__, "tie_embeddings": True}),
+                                 rngs=nnx.Rngs(0))
+  assert not hasattr(tied, "mlm_output")

@@ -214,6 +214,9 @@ _REGRESSION_CONVERTER = functools.partial(BertClassificationFeatureConverter, re
 
 # Classes of each task's classifier head (1: a regression score), for the model side.
 NUM_CLASSES: dict[str, int] = {}
+# Text-to-text classification tasks: each class's target word, in label order (a T5 run is
+# scored by ranking these words' likelihoods: inference/classify.py).
+CLASS_WORDS: dict[str, tuple[str, ...]] = {}
 
 
 def _label_feature(regression: bool) -> seqio.Feature:
@@ -286,6 +289,7 @@ def register_polarity_tasks() -> None:
                        "targets": seqio.Feature(sentencepiece, add_eos=True)},
       postprocess_fn=polarity_label, metric_fns=metric_fns)
   NUM_CLASSES.update(polarity_gpt=2, polarity=2)
+  CLASS_WORDS.update(polarity=POLARITY_WORDS)
 
 
 # name: (text fields, classes; 1 = a regression score)
@@ -362,6 +366,7 @@ def register_tasks() -> None:
     return
   _bert_task("bbc_topic_bert", _records_source(_bbc_topics, _bbc_count), ("inputs",),
              [accuracy], num_classes=len(corpora.BBC_TOPICS))
+  CLASS_WORDS.update(bbc_topic=corpora.BBC_TOPICS)  # tasks.py's text-to-text bbc_topic
   register_polarity_tasks()
   register_glue_tasks()
 

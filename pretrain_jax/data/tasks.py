@@ -20,7 +20,10 @@ Registering reads no corpus: a source counts its examples when SeqIO first asks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import os
 from typing import Callable
 
 import gin
@@ -199,6 +202,38 @@ def register_bbc_tasks() -> None:
       _denoising_task(f"bbc_{objective}", source, objective, vocabularies.bbc_sentencepiece())
     seqio.MixtureRegistry.add("bbc_span_corruption_and_prefix_lm",
                               [("bbc_span_corruption", 3.0), ("bbc_prefix_lm", 1.0)])
+
+
+@gin.configurable
+def with_wordpiece(task: str = gin.REQUIRED, vocab_file: str = gin.REQUIRED) -> str:
+  """`task` (any WordPiece task here: masked LM, bbc_topic_bert, polarity_bert, glue_*_bert)
+  over another WordPiece vocabulary, e.g. an imported checkpoint's vocab.txt (`train.task =
+  @with_wordpiece()`). Registers it once, named after the task and the file's content, and
+  returns that name; the source, preprocessing and metrics are the task's own."""
+  if not os.path.isfile(vocab_file):
+    raise UserError(f"with_wordpiece.vocab_file={vocab_file!r}: no such file (a vocab.txt, "
+                    "one WordPiece a line)")
+  with open(vocab_file, "rb") as f:
+    digest = hashlib.sha1(f.read()).hexdigest()[:8]
+  name = f"{task}_wp{digest}"
+  if name in seqio.TaskRegistry.names():
+    return name
+  base = seqio.get_mixture_or_task(task)
+  if not any(isinstance(f.vocabulary, vocabularies.WordPieceVocabulary)
+             for f in base.output_features.values()):
+    raise UserError(f"with_wordpiece.task={task!r} has no WordPiece feature "
+                    f"(its vocabularies: {[type(f.vocabulary).__name__ for f in base.output_features.values()]})")
+  vocabulary = vocabularies.WordPieceVocabulary(vocab_file)
+  features = {k: dataclasses.replace(f, vocabulary=vocabulary)
+              if isinstance(f.vocabulary, vocabularies.WordPieceVocabulary) else f
+              for k, f in base.output_features.items()}
+  _add_task(name, _CONVERTERS[task], source=base.source, preprocessors=base.preprocessors,
+            output_features=features, postprocess_fn=base.postprocessor,
+            metric_fns=base.metric_fns)
+  from pretrain_jax.data import glue  # pylint: disable=import-outside-toplevel
+  if task in glue.NUM_CLASSES:
+    glue.NUM_CLASSES[name] = glue.NUM_CLASSES[task]
+  return name
 
 
 @gin.configurable

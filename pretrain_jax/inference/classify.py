@@ -1,6 +1,14 @@
 """A finetuned classifier over a whole split: its predictions and its task's metrics (GLUE's
 for GLUE tasks), every example counted once (the held-out loss during training reads full
-batches only)."""
+batches only).
+
+BERT and GPT classifiers have a head: the prediction is its argmax. A text-to-text model (T5)
+writes its answer; it is scored by rank classification, as the T5 paper scores its GLUE runs
+when it compares against heads: the class whose target words (+ EOS) it finds likeliest,
+
+    ŷ = argmax_c  Σ_t log p(w_c,t | w_c,<t, inputs),
+
+so every prediction is a valid class and no decoding length or postprocessing is involved."""
 
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ import seqio
 from flax import nnx
 
 from pretrain_jax import config
-from pretrain_jax.data import pipeline
+from pretrain_jax.data import glue, pipeline
 from pretrain_jax.errors import UserError
 from pretrain_jax.inference import loading
 from pretrain_jax.models import protocol
@@ -39,16 +47,77 @@ def _forward(model):
   return lambda batch: jitted(state, batch)
 
 
+def class_scores(model, encoder_BS, targets_CT):
+  """[B, C]: Σ_t log p(target_c,t | target_c,<t, inputs_b) for every example and class, by
+  teacher forcing (row n = b·C + c of one decoder batch)."""
+  num_classes = targets_CT.shape[0]
+  targets_NT = jnp.tile(targets_CT, (encoder_BS.shape[0], 1))
+  logits_NTV = model({"encoder_input_tokens": jnp.repeat(encoder_BS, num_classes, axis=0),
+                      "decoder_input_tokens": jnp.pad(targets_NT[:, :-1], ((0, 0), (1, 0)))})
+  log_p_NTV = jax.nn.log_softmax(logits_NTV.astype(jnp.float32))
+  log_p_NT = jnp.take_along_axis(log_p_NTV, targets_NT[..., None], axis=-1)[..., 0]
+  return jnp.sum(log_p_NT * (targets_NT > 0), axis=-1).reshape(-1, num_classes)
+
+
+def _rank_forward(model, targets_CT: np.ndarray):
+  """A jitted `batch -> class ids` for an encoder-decoder (rank classification, above)."""
+  if not getattr(getattr(model, "cfg", None), "is_encoder_decoder", False):
+    raise UserError(f"text-to-text classification is scored for encoder-decoders; "
+                    f"{type(model).__name__} is not one")
+  graphdef, state = nnx.split(model)
+  targets_CT = jnp.asarray(targets_CT)
+
+  def predict(state, batch):
+    scores_BC = class_scores(nnx.merge(graphdef, state), batch["encoder_input_tokens"],
+                             targets_CT)
+    return jnp.argmax(scores_BC, axis=-1)
+  jitted = jax.jit(predict)
+  return lambda batch: jitted(state, batch)
+
+
+def class_targets(task: str, targets_length: int) -> np.ndarray:
+  """[C, T] int32: each class word of a text-to-text task as the decoder writes it (its
+  tokens, EOS, padding)."""
+  feature = seqio.get_mixture_or_task(task).output_features["targets"]
+  rows = [list(feature.vocabulary.encode(w)) + [feature.vocabulary.eos_id]
+          for w in glue.CLASS_WORDS[task]]
+  longest = max(len(r) for r in rows)
+  if longest > targets_length:
+    raise UserError(f"task {task!r}: its class words need {longest} target tokens, but "
+                    f"feature_lengths.targets_length={targets_length}; set it to >= {longest}")
+  return np.asarray([r + [0] * (targets_length - len(r)) for r in rows], np.int32)
+
+
+def _labels_from_targets(targets_BT: np.ndarray, targets_CT: np.ndarray) -> np.ndarray:
+  """Each row's class: which class's target row it equals."""
+  match_BC = np.all(targets_BT[:, None, :] == targets_CT[None], axis=-1)
+  if not np.all(match_BC.any(axis=-1)):
+    raise UserError("an example's target is none of its task's class words "
+                    f"{targets_BT[~match_BC.any(axis=-1)][0].tolist()}")
+  return np.argmax(match_BC, axis=-1).astype(np.int32)
+
+
 def predict_split(model, task: str, sequence_length: int, converter, split: str,
                   batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
   """(labels, predictions) of every example of `split`; the last batch is padded by
   repeating its final row, and the repeats are dropped."""
-  ds = pipeline._dataset(task, pipeline.feature_lengths(sequence_length), converter, split,  # pylint: disable=protected-access
+  lengths = pipeline.feature_lengths(sequence_length)
+  text_to_text = task in glue.CLASS_WORDS
+  if text_to_text:  # one example per row, whatever the training run packed
+    converter = seqio.EncDecFeatureConverter(pack=False)
+  ds = pipeline._dataset(task, lengths, converter, split,  # pylint: disable=protected-access
                          seed=None, shuffle=False)
   rows = list(ds.as_numpy_iterator())
   if not rows:
     raise UserError(f"task {task!r} split {split!r} has no examples")
-  forward = _forward(model)
+  if text_to_text:
+    targets_CT = class_targets(task, lengths["targets"])
+    forward = _rank_forward(model, targets_CT)
+    rows = [{"encoder_input_tokens": r["encoder_input_tokens"],
+             "label": _labels_from_targets(r["decoder_target_tokens"][None], targets_CT)[0]}
+            for r in rows]
+  else:
+    forward = _forward(model)
   labels, predictions = [], []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
@@ -61,10 +130,12 @@ def predict_split(model, task: str, sequence_length: int, converter, split: str,
 
 
 def is_classifier_run() -> bool:
-  """Whether the parsed gin config trains a classifier (so `eval` scores its task's metrics)."""
+  """Whether the parsed gin config trains a classifier (so `eval` scores its task's metrics):
+  a head's loss, or a text-to-text classification task."""
   loss = config.bound("train.loss_fn")
-  return getattr(loss, "__name__", None) in ("pooled_classifier_loss",
-                                             "final_token_classifier_loss")
+  return (getattr(loss, "__name__", None) in ("pooled_classifier_loss",
+                                              "final_token_classifier_loss")
+          or config.bound("train.task") in glue.CLASS_WORDS)
 
 
 def evaluate(model_dir: str, split: str = "test", batch_size: int = 64,

@@ -3,7 +3,8 @@
     h⁰ = LN(E_tok[x] + E_pos[i] + E_type[s])
     a  = LN(hˡ + Dropout(MHA(hˡ)))
     hˡ⁺¹ = LN(a + Dropout(W₂ GELU(W₁ a)))
-    MLM:  softmax(LN(GELU(W h)) E_tokᵀ + b)     (output tied to the input embeddings)
+    MLM:  softmax(LN(GELU(W h)) E_tokᵀ + b)     (output tied to the input embeddings;
+                                               `tie_embeddings=False`: its own E_out)
     NSP:  softmax(W_nsp tanh(W_pool h_[CLS]))
     finetuning (§4.1): softmax(W_c Dropout(tanh(W_pool h_[CLS])))   (C = 1: a regression)
 
@@ -43,6 +44,10 @@ class BertConfig:
   attention_dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12
   init_std: float = 0.02
+  # False: the MLM softmax gets its own output embeddings (RemBERT, Chung et al. 2021). Tied,
+  # a small model's rare-word input embeddings drift into one direction (Gao et al. 2019;
+  # docs/finetuning.md measures it), which finetuning then has to undo.
+  tie_embeddings: bool = True
   dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
   scan_layers: bool = True  # False: the same stacked parameters in a Python loop (debugging)
   scan_unroll: int | bool = 1  # layers per scan iteration; True: unrolled (faster on CPU)
@@ -121,6 +126,8 @@ class BertForPretraining(nnx.Module):
                               rngs=rngs)
     self.mlm_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("vocab",))(
         rngs.params(), (cfg.vocab_size,), jnp.float32))
+    if not cfg.tie_embeddings:
+      self.mlm_output = Embed(cfg.vocab_size, cfg.hidden, ("vocab", "embed"), **common)
     self.nsp = Dense(cfg.hidden, 2, ("mlp", None), role="head", **common)
 
   def encode(self, inputs_BL, segment_ids_BL, rngs=None):
@@ -129,7 +136,8 @@ class BertForPretraining(nnx.Module):
   def mlm_logits(self, h_BPD):
     """Vocabulary logits for the gathered (masked) positions only: P ≪ L saves most FLOPs."""
     t_BPD = self.mlm_norm(gelu(self.mlm_transform(h_BPD)))
-    logits_BPV = self.encoder.token_embed.attend(t_BPD) + self.mlm_bias[...]
+    output = self.encoder.token_embed if self.cfg.tie_embeddings else self.mlm_output
+    logits_BPV = output.attend(t_BPD) + self.mlm_bias[...]
     return constrain(logits_BPV, ("batch", "length", "act_vocab"))
 
   def train_flops_per_token(self, seq_len: int, targets_len: int | None = None) -> float:
