@@ -94,6 +94,23 @@ def test_adapters_at_init_are_within_float_tolerance_of_the_base_model():
   assert np.abs(_logits(adapted, batch) - base).max() > 0.05 * np.abs(base).max()
 
 
+def test_prefixes_start_as_zero_keys_and_values_that_only_dilute_attention():
+  """At init every layer's prefix keys and values are 0 (reparameterised: the MLP's output
+  layer is 0), so a query gives the prefix the weight of a zero score and reads nothing from
+  it: the outputs stay close to the base model's instead of being overwritten."""
+  batch = _batch()
+  base = _logits(_classifier(), batch)
+  for reparameterize in (True, False):
+    model = _classifier(prefix.Prefix(length=10, bank_size=2, hidden=16,
+                                      reparameterize=reparameterize))
+    for _, module in peft.modules(model):
+      if isinstance(module, prefix.PrefixAttention):
+        keys, values = module.prefixes()
+        assert keys.shape[-4:-2] == (2, 10) and not np.any(keys) and not np.any(values)
+    out = _logits(model, batch)
+    assert np.corrcoef(out.ravel(), base.ravel())[0, 1] > 0.9
+
+
 def test_each_example_of_a_mixed_prefix_batch_runs_its_own_prefix():
   model = _classifier(prefix.Prefix(length=3, bank_size=3, hidden=16))
   _randomise(model, "prefix_mlp", scale=0.3)

@@ -47,15 +47,18 @@ class PrefixAttention(MultiHeadAttention):
                                           ("embed", None))
       self.prefix_mlp_in_bias = peft.new_param(rngs, nnx.initializers.zeros, lead, (hidden,),
                                                (None,))
-      self.prefix_mlp_out = peft.new_param(rngs, normal(hidden ** -0.5), lead, (hidden, out),
+      # zero, as LoRA's B: the prefixes start as zero keys and values, which dilute each
+      # attention's weights but add nothing to its output. N(0, 1/hidden) here gave prefixes
+      # that swamped a frozen all-MiniLM-L6-v2 (its pooled output the same for every input).
+      self.prefix_mlp_out = peft.new_param(rngs, nnx.initializers.zeros, lead, (hidden, out),
                                            (None, None))
       self.prefix_mlp_out_bias = peft.new_param(rngs, nnx.initializers.zeros, lead, (out,),
                                                 (None,))
     else:
-      self.prefix_keys = peft.new_param(rngs, normal(1.0), lead,
+      self.prefix_keys = peft.new_param(rngs, nnx.initializers.zeros, lead,
                                         (bank_size, length, heads, head_dim),
                                         (None, None, "heads", "kv"))
-      self.prefix_values = peft.new_param(rngs, normal(1.0), lead,
+      self.prefix_values = peft.new_param(rngs, nnx.initializers.zeros, lead,
                                           (bank_size, length, heads, v_head_dim),
                                           (None, None, "heads", "kv"))
     self.reparameterize = reparameterize
