@@ -233,3 +233,18 @@ def test_raw_chunks_fit_both_inputs_and_targets():
   assert tasks._raw_length("deshuffle")(lengths) == 15  # pylint: disable=protected-access
   assert tasks._raw_length("prefix_lm")(lengths) == 15  # pylint: disable=protected-access
   assert tasks._raw_length("iid_noise")(lengths) == 42  # pylint: disable=protected-access
+
+
+def test_adafactor_parameter_scale_is_what_keeps_a_zero_initialised_weight_still():
+  """T5's Adafactor scales each step by the parameter's RMS (floored at 1e-3), so LoRA's B = 0
+  moves at 1e-3 × the learning rate; `adafactor_parameter_scale=False` gives it the full step."""
+  from pretrain_jax.training import optimizers  # pylint: disable=import-outside-toplevel
+  params = {"b": jnp.zeros((4, 8)), "w": jnp.ones((4, 8))}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  constant = lambda n: lambda step: 1e-2
+  for scaled, expected_b in ((True, 1e-5), (False, 1e-2)):
+    tx, _ = optimizers.make_optimizer(10, name="adafactor", schedule=constant, clip_norm=None,
+                                      adafactor_parameter_scale=scaled)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(np.abs(updates["b"]), expected_b, rtol=1e-3)
+    np.testing.assert_allclose(np.abs(updates["w"]), 1e-2, rtol=1e-3)  # RMS(w) = 1 either way

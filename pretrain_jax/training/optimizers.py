@@ -58,15 +58,21 @@ def decay_mask(params, exclude: Sequence[str] = (r"bias$", r"norm/"),
 def make_optimizer(num_steps: int, name: str = "adamw", schedule=warmup_linear_decay,
                    weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-6, clip_norm: float | None = 1.0,
-                   adafactor_decay: float = 0.8):
-  """Returns (optax transformation, schedule). Clipping by global norm comes first, as in BERT."""
+                   adafactor_decay: float = 0.8, adafactor_parameter_scale: bool = True):
+  """Returns (optax transformation, schedule). Clipping by global norm comes first, as in BERT.
+
+  `adafactor_parameter_scale`: Adafactor's step relative to each parameter's RMS (floored at
+  1e-3), as T5 pretrains. A weight that starts at zero (LoRA's B, an adapter's up-projection,
+  the prefix MLP's output) then moves at 1e-3 × the learning rate: turn it off to train those.
+  """
   lr = schedule(num_steps)
   if name == "adamw":
     tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
   elif name == "lamb":
     tx = optax.lamb(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
   elif name == "adafactor":  # T5: β₂ decay 0.8, no momentum, factored second moments
-    tx = optax.adafactor(lr, decay_rate=adafactor_decay, momentum=None, factored=True)
+    tx = optax.adafactor(lr, decay_rate=adafactor_decay, momentum=None, factored=True,
+                         multiply_by_parameter_scale=adafactor_parameter_scale)
   else:
     raise UserError(f"make_optimizer.name={name!r}; valid: 'adamw', 'lamb', 'adafactor'")
   if clip_norm:
