@@ -69,9 +69,10 @@ LEARNING_RATES = {
     **{("t5", task): {"scratch": 1e-2, "full": 1e-2, "lora": 3e-3, "adapters": 3e-3,
                       "prefix": 3e-3} for task in ("bbc", "polarity")},
     # MiniLM: BERT's range for full finetuning, ×10 for the methods that train new weights
-    # from zero; from scratch ×3.
+    # from zero; from scratch ×3. Prefix at 3e-3 learnt for 20 steps, then its prefixes grew
+    # (RMS 2) until the pooled output was the same for every input (polarity test 0.504).
     **{("minilm", task): {"scratch": 3e-4, "full": 1e-4, "lora": 1e-3, "adapters": 1e-3,
-                          "prefix": 3e-3} for task in ("bbc", "polarity")},
+                          "prefix": 5e-4} for task in ("bbc", "polarity")},
 }
 
 

@@ -48,8 +48,9 @@ class PrefixAttention(MultiHeadAttention):
       self.prefix_mlp_in_bias = peft.new_param(rngs, nnx.initializers.zeros, lead, (hidden,),
                                                (None,))
       # zero, as LoRA's B: the prefixes start as zero keys and values, which dilute each
-      # attention's weights but add nothing to its output. N(0, 1/hidden) here gave prefixes
-      # that swamped a frozen all-MiniLM-L6-v2 (its pooled output the same for every input).
+      # attention's weights but add nothing to its output, so training starts from the base
+      # model's function rather than from random prefixes' (the paper initialises from real
+      # words' activations for the same reason).
       self.prefix_mlp_out = peft.new_param(rngs, nnx.initializers.zeros, lead, (hidden, out),
                                            (None, None))
       self.prefix_mlp_out_bias = peft.new_param(rngs, nnx.initializers.zeros, lead, (out,),
