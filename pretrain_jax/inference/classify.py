@@ -17,6 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import seqio
 from flax import nnx
 
@@ -54,8 +55,8 @@ def class_scores(model, encoder_BS, targets_CT):
   targets_NT = jnp.tile(targets_CT, (encoder_BS.shape[0], 1))
   logits_NTV = model({"encoder_input_tokens": jnp.repeat(encoder_BS, num_classes, axis=0),
                       "decoder_input_tokens": jnp.pad(targets_NT[:, :-1], ((0, 0), (1, 0)))})
-  log_p_NTV = jax.nn.log_softmax(logits_NTV.astype(jnp.float32))
-  log_p_NT = jnp.take_along_axis(log_p_NTV, targets_NT[..., None], axis=-1)[..., 0]
+  log_p_NT = -optax.softmax_cross_entropy_with_integer_labels(logits_NTV.astype(jnp.float32),
+                                                              targets_NT)
   return jnp.sum(log_p_NT * (targets_NT > 0), axis=-1).reshape(-1, num_classes)
 
 
@@ -113,9 +114,10 @@ def predict_split(model, task: str, sequence_length: int, converter, split: str,
   if text_to_text:
     targets_CT = class_targets(task, lengths["targets"])
     forward = _rank_forward(model, targets_CT)
-    rows = [{"encoder_input_tokens": r["encoder_input_tokens"],
-             "label": _labels_from_targets(r["decoder_target_tokens"][None], targets_CT)[0]}
-            for r in rows]
+    labels_B = _labels_from_targets(np.stack([r["decoder_target_tokens"] for r in rows]),
+                                    targets_CT)
+    rows = [{"encoder_input_tokens": r["encoder_input_tokens"], "label": label}
+            for r, label in zip(rows, labels_B)]
   else:
     forward = _forward(model)
   labels, predictions = [], []
