@@ -222,10 +222,10 @@ FINETUNE = BASE + ["train.task = 'bbc_topic_bert'", "bert_classifier.num_classes
                    "warmup_linear_decay.learning_rate = 1e-2"]
 
 
-def _base_run(model_dir, model_gin, bindings):
+def _base_run(model_dir, model_gin, bindings, mesh=()):
   """A pretraining run's checkpoint (its initial parameters: enough to be a base)."""
   gin.clear_config()
-  configure([model_gin, "objectives/bert.gin"], bindings)
+  configure([model_gin, "objectives/bert.gin", *mesh], bindings)
   setup = trainer.Setup(bound("train.model"), bound("train.loss_fn"), 1,
                         seed=bound("train.seed", 0))
   state = setup.init_state()
@@ -236,9 +236,9 @@ def _base_run(model_dir, model_gin, bindings):
   ckpt.close()
 
 
-def _finetune(model_dir, model_gin, base, method, extra=()):
+def _finetune(model_dir, model_gin, base, method, extra=(), mesh=()):
   gin.clear_config()
-  configure([model_gin, "runs/bert_classifier.gin", f"peft/{method}.gin"],
+  configure([model_gin, "runs/bert_classifier.gin", f"peft/{method}.gin", *mesh],
             FINETUNE + [f"train.init_from = '{base}'", *extra])
   trainer.train(str(model_dir), progress=False)
 
@@ -256,11 +256,14 @@ def _bytes(directory) -> int:
 
 
 def test_a_bert_base_lora_delta_is_under_5_percent_and_composes_to_identical_outputs(tmp_path):
+  # fsdp: one sharded copy of BERT-base over the 8 fake devices. Saving 8 replicas took orbax
+  # ~14 GB of host memory, enough to take the rest of the suite down with it.
+  fsdp = ["meshes/fsdp.gin"]
   base = tmp_path / "base"
-  _base_run(base, "models/bert_base.gin", BASE)
-  _finetune(tmp_path / "delta", "models/bert_base.gin", base, "lora")
+  _base_run(base, "models/bert_base.gin", BASE, mesh=fsdp)
+  _finetune(tmp_path / "delta", "models/bert_base.gin", base, "lora", mesh=fsdp)
   _finetune(tmp_path / "full_ckpt", "models/bert_base.gin", base, "lora",
-            ["train.store_delta = False"])
+            ["train.store_delta = False"], mesh=fsdp)
   delta = json.load(open(tmp_path / "delta" / "delta.json"))
   assert delta["base"] == str(base) and delta["base_step"] == 0
   assert set(delta["stored"]) == {
