@@ -4,6 +4,7 @@ weight-decay name rule and the `info` verb."""
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,13 +151,33 @@ def _toy_env(**extra):
           "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": path, **extra}
 
 
-def test_model_state_survives_kill_9_and_resume(tmp_path):
-  steps = 30
-  gin_file = tmp_path / "toy.gin"
+TOY_STEPS = 30
+_TIMING = {"tokens_per_sec", "mfu"}
+
+
+def _same_metrics(run_a, run_b) -> None:
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in _TIMING} for r in rs]
+  a, b = strip(metrics_lib.read(str(run_a))), strip(metrics_lib.read(str(run_b)))
+  assert len(a) == len(b) and len(a) > TOY_STEPS
+  for x, y in zip(a, b):
+    assert x == y, f"{x} != {y}"
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+  """(its gin file, an uninterrupted toy run of TOY_STEPS steps): the reference for resumes."""
+  tmp = tmp_path_factory.mktemp("toy")
+  gin_file = tmp / "toy.gin"
   gin_file.write_text(TOY_GIN)
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  subprocess.run(_toy_cli(gin_file, straight, steps), cwd=REPO, env=_toy_env(), check=True,
-                 capture_output=True)
+  subprocess.run(_toy_cli(gin_file, tmp / "straight", TOY_STEPS), cwd=REPO, env=_toy_env(),
+                 check=True, capture_output=True)
+  return gin_file, tmp / "straight"
+
+
+def test_model_state_survives_kill_9_and_resume(tmp_path, toy_run):
+  steps = TOY_STEPS
+  gin_file, straight = toy_run
+  killed = tmp_path / "killed"
   # The killed run blocks in its 16th training forward pass (toy_models.pause), so it is
   # killed after the step-10 checkpoint and before the step-20 one, whatever the timing.
   marker = tmp_path / "paused"
@@ -174,12 +195,8 @@ def test_model_state_survives_kill_9_and_resume(tmp_path):
   resumed = subprocess.run(_toy_cli(gin_file, killed, steps), cwd=REPO, env=_toy_env(),
                            check=True, capture_output=True, text=True)
   assert "Resuming from step 10" in resumed.stdout
-  timing = {"tokens_per_sec", "mfu"}
-  strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
-  a, b = strip(metrics_lib.read(str(straight))), strip(metrics_lib.read(str(killed)))
-  assert len(a) == len(b) and len(a) > steps
-  for x, y in zip(a, b):
-    assert x == y, f"{x} != {y}"
+  _same_metrics(straight, killed)
+  b = metrics_lib.read(str(killed))
   # One increment per training forward pass: the counter equals the step; an eval pass sees
   # step + 1 in its own copy and does not keep it.
   for r in b:
@@ -188,6 +205,108 @@ def test_model_state_survives_kill_9_and_resume(tmp_path):
   configure([str(killed / "config.gin")], [])
   model, _, step = loading.load(str(killed))
   assert step == steps and int(model.count[...]) == steps
+
+
+def _signalled_run(gin_file, model_dir, marker, signals):
+  """A toy run sent `signals` (one after another) during its 16th training step."""
+  proc = subprocess.Popen(_toy_cli(gin_file, model_dir, TOY_STEPS), cwd=REPO, text=True,
+                          env=_toy_env(TOY_PAUSE_AFTER="15", TOY_PAUSE_SECONDS="2",
+                                       TOY_PAUSE_MARKER=str(marker)),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  deadline = time.time() + 240
+  while not marker.exists():
+    assert proc.poll() is None, "the run ended before the signal"
+    assert time.time() < deadline
+    time.sleep(0.05)
+  for s in signals:
+    os.kill(proc.pid, s)
+  out, _ = proc.communicate(timeout=240)
+  return proc.returncode, out
+
+
+def _saved_steps(model_dir) -> list[int]:
+  return sorted(int(d) for d in os.listdir(model_dir / "checkpoints") if d.isdigit())
+
+
+def test_sigterm_finishes_the_step_saves_exits_0_and_resumes_to_the_same_metrics(
+    tmp_path, toy_run):
+  gin_file, straight = toy_run
+  run = tmp_path / "preempted"
+  code, out = _signalled_run(gin_file, run, tmp_path / "paused", [signal.SIGTERM])
+  assert code == 0, out
+  saved = _saved_steps(run)
+  reached = max(r["step"] for r in metrics_lib.read(str(run)) if r["split"] == "train")
+  assert saved == [10, reached] and 16 <= reached < TOY_STEPS, (saved, reached)
+  assert f"Stopped by SIGTERM at step {reached} of {TOY_STEPS}" in out
+  resumed = subprocess.run(_toy_cli(gin_file, run, TOY_STEPS), cwd=REPO, env=_toy_env(),
+                           check=True, capture_output=True, text=True)
+  assert f"Resuming from step {reached}" in resumed.stdout
+  _same_metrics(straight, run)
+
+
+def test_damaged_checkpoints_are_set_aside_and_the_newest_intact_one_resumes(tmp_path, toy_run):
+  """As a host dying mid-write leaves them: the newest checkpoint without its state item, the
+  one before with its OCDBT manifest cut short, and an unfinished write's tmp directory."""
+  gin_file, straight = toy_run
+  run = tmp_path / "damaged"
+  shutil.copytree(straight, run)
+  shutil.rmtree(run / "checkpoints" / "30" / "state")
+  manifest = run / "checkpoints" / "20" / "state" / "manifest.ocdbt"
+  manifest.write_bytes(manifest.read_bytes()[:7])
+  (run / "checkpoints" / "40.orbax-checkpoint-tmp-0" / "state").mkdir(parents=True)
+  resumed = subprocess.run(_toy_cli(gin_file, run, TOY_STEPS), cwd=REPO, env=_toy_env(),
+                           check=True, capture_output=True, text=True)
+  assert "Resuming from step 10" in resumed.stdout
+  for step in (30, 20):
+    assert f"warning: checkpoint {step} in {run / 'checkpoints'} is damaged" in resumed.stderr
+  assert sorted(os.listdir(run / "checkpoints")) == ["10", "20", "20.damaged", "30",
+                                                     "30.damaged"]
+  _same_metrics(straight, run)
+
+
+@pytest.mark.parametrize("binding, refusal", [
+    ("train.batch_size=16", "was trained with train.batch_size = 8, this run has 16"),
+    ("train.seed=1", "was trained with train.seed = 0, this run has 1")])
+def test_a_resume_that_would_change_the_data_order_is_refused(tmp_path, toy_run, binding,
+                                                              refusal):
+  gin_file, straight = toy_run
+  run = tmp_path / "run"
+  shutil.copytree(straight, run)
+  before = {f: (run / f).read_bytes() for f in ("config.gin", "metrics.jsonl")}
+  proc = subprocess.run(_toy_cli(gin_file, run, 40) + [f"--gin.{binding}"], cwd=REPO,
+                        env=_toy_env(), capture_output=True, text=True)
+  assert proc.returncode == 2, proc.stderr
+  assert refusal in proc.stderr and "use " in proc.stderr
+  assert {f: (run / f).read_bytes() for f in before} == before
+  assert sorted(os.listdir(run / "checkpoints")) == ["10", "20", "30"]
+
+
+def test_raising_num_steps_continues_and_says_what_the_schedule_does(tmp_path, toy_run):
+  gin_file, straight = toy_run
+  run = tmp_path / "run"
+  shutil.copytree(straight, run)
+  proc = subprocess.run(_toy_cli(gin_file, run, 40), cwd=REPO, env=_toy_env(), check=True,
+                        capture_output=True, text=True)
+  # warmup_linear_decay: 1e-2 decays linearly to 0 at num_steps; at step 30 of 30 it is 0,
+  # laid out over 40 steps it is 1e-2 * 10/38 (2 warmup steps).
+  assert ("train.num_steps changed from 30 to 40: the learning-rate schedule is laid out over "
+          "40 steps from here on (at step 30 the rate goes from 0 to 0.00263)") in proc.stdout
+  assert max(r["step"] for r in metrics_lib.read(str(run))) == 40
+
+
+def test_a_second_signal_exits_at_once():
+  script = ("import os, signal, time\n"
+            "from pretrain_jax.training.preemption import Preemption\n"
+            "notice = Preemption().install()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "print('asked to stop:', notice.requested(), flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(30)\n"
+            "print('still running')\n")
+  proc = subprocess.run([sys.executable, "-c", script], env=_toy_env(), capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == -signal.SIGTERM, proc
+  assert "asked to stop: True" in proc.stdout and "still running" not in proc.stdout
 
 
 # 3. Auxiliary losses ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 
 import helpers
 from pretrain_jax.config import bound, configure
+from pretrain_jax.errors import UserError
 from pretrain_jax.training import metrics as metrics_lib, partitioning, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +116,8 @@ def test_resume_after_kill_9_replays_the_same_metrics(tmp_path):
   proc.wait()
   done = [int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit()]
   assert max(done) < steps, "killed too late to test a resume"
+  with open(killed / "metrics.jsonl", "a") as f:  # as if it died halfway through a write
+    f.write('{"step": 99, "split": "tra')
   resumed = subprocess.run(_cli("killed", steps), cwd=tmp_path, env=_env(), check=True,
                            capture_output=True, text=True)
   resumed_from = int(resumed.stdout.split("Resuming from step ")[1].split()[0])
@@ -127,6 +130,17 @@ def test_resume_after_kill_9_replays_the_same_metrics(tmp_path):
   assert after, "no metrics after the resume"
   for x, y in zip(a, b):
     assert x == y, f"{x} != {y}"
+  assert (killed / "metrics.jsonl").read_text().endswith("}\n")  # the torn line is gone
+
+
+def test_metrics_skip_a_torn_last_line_and_refuse_a_bad_one_elsewhere(tmp_path):
+  good = [{"step": 1, "split": "train", "loss": 2.5}, {"step": 2, "split": "train", "loss": 2.0}]
+  lines = [json.dumps(r) for r in good]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 3, "spl')
+  assert metrics_lib.read(str(tmp_path)) == good
+  (tmp_path / "metrics.jsonl").write_text(lines[0] + '\n{"step": 3, "spl\n' + lines[1] + "\n")
+  with pytest.raises(UserError, match=r"metrics.jsonl:2 is not a JSON record"):
+    metrics_lib.read(str(tmp_path))
 
 
 def test_sequence_length_stages_switch_by_config(tmp_path):

@@ -109,11 +109,16 @@ def toy_lm_loss(model, batch, rngs=None):
 
 def pause(count) -> None:
   """With TOY_PAUSE_AFTER=N, the forward pass after the N-th never returns (after touching
-  TOY_PAUSE_MARKER): a run the test kills at a known point, whatever the machine's speed. The
-  callback is always traced, so the program is the same with and without it."""
+  TOY_PAUSE_MARKER), or with TOY_PAUSE_SECONDS pauses that long once: a run the test kills or
+  signals at a known point, whatever the machine's speed. The callback is always traced, so
+  the program is the same with and without it."""
   after = os.environ.get("TOY_PAUSE_AFTER")
   if after is not None and int(count) > int(after):
     pathlib.Path(os.environ["TOY_PAUSE_MARKER"]).touch()
+    if "TOY_PAUSE_SECONDS" in os.environ:  # a pause once, for a signal to arrive mid-step
+      if int(count) == int(after) + 1:
+        time.sleep(float(os.environ["TOY_PAUSE_SECONDS"]))
+      return
     while True:
       time.sleep(1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -44,7 +45,9 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             read_only=read_only, create=not read_only))
+                                             read_only=read_only, create=not read_only,
+                                             cleanup_tmp_directories=not read_only))
+    self.read_only = read_only
 
   def save(self, step: int, state, data_position: dict) -> bool:
     return self.manager.save(step, force=True, args=ocp.args.Composite(
@@ -54,14 +57,42 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def restore(self, abstract_state):
-    """Restores the latest checkpoint onto the shardings in `abstract_state` (a dataclass such
-    as TrainState), or None. A field the checkpoint lacks and that holds no array (an empty
-    `model_state`, in checkpoints written before it existed) keeps its abstract value."""
-    step = self.manager.latest_step()
-    if step is None:
-      return None
+    """Restores the newest intact checkpoint onto the shardings in `abstract_state` (a
+    dataclass such as TrainState), or None when there is none.
+
+    A damaged one (a missing item, truncated metadata: the host died while writing it) is
+    moved aside to STEP.damaged, with a warning, and the one before it is tried. A checkpoint
+    of another architecture is refused, not skipped."""
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self._restore(step, abstract_state)
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        damaged.append(self._set_aside(step, e))
+    if damaged:
+      raise UserError(f"every checkpoint in {self.directory} is damaged ({', '.join(damaged)}); "
+                      "nothing to resume from: use a fresh --model_dir")
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> str:
+    where = os.path.join(self.directory, str(step))
+    if not self.read_only and jax.process_index() == 0:
+      os.rename(where, where + ".damaged")
+      where += ".damaged"
+      self.manager.reload()
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    print(f"warning: checkpoint {step} in {self.directory} is damaged "
+          f"({type(error).__name__}: {reason}); kept as {where}, trying the one before",
+          file=sys.stderr, flush=True)
+    return str(step)
+
+  def _restore(self, step: int, abstract_state):
+    saved = self.manager.item_metadata(step).get("state")
+    if saved is None:  # orbax gives None for an item it cannot find
+      raise FileNotFoundError(f"step {step} has no state item")
     self._check_compatible(step, abstract_state)
-    saved = self.manager.item_metadata(step)["state"]
     saved = getattr(saved, "tree", saved)
     fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
     absent = {k: v for k, v in fields.items() if k not in saved and not jax.tree.leaves(v)}

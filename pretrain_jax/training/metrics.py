@@ -8,6 +8,8 @@ import os
 import jax
 import numpy as np
 
+from pretrain_jax.errors import UserError
+
 # Peak dense bf16 FLOP/s per chip by jax device_kind prefix, for MFU.
 PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -47,11 +49,14 @@ class MetricsWriter:
     self._model_dir = model_dir
 
   def truncate_after(self, step: int) -> None:
-    """On resume: drop records of steps past the checkpoint; they are about to be redone."""
+    """On resume: drop records of steps past the checkpoint (they are about to be redone) and
+    a torn last line; the file is replaced atomically, so a kill here loses nothing."""
     if self.enabled and os.path.exists(self.path):
       kept = [r for r in read(os.path.dirname(self.path)) if r["step"] <= step]
-      with open(self.path, "w") as f:
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(tmp, self.path)
 
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
     if not self.enabled:
@@ -72,8 +77,22 @@ class MetricsWriter:
 
 
 def read(model_dir: str) -> list[dict]:
-  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The records of MODEL_DIR/metrics.jsonl. A last line with no newline that does not parse
+  (the process died writing it) is skipped; a bad line anywhere else is an error."""
+  path = os.path.join(model_dir, "metrics.jsonl")
+  with open(path) as f:
+    lines = f.read().split("\n")
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines):  # torn: the write of this line never finished
+        continue
+      raise UserError(f"{path}:{number} is not a JSON record ({e.msg}): {line[:80]!r}") from e
+  return records
 
 
 def plot(model_dir: str, keys: tuple[str, ...] = ("loss", "perplexity", "accuracy", "mlm_accuracy",

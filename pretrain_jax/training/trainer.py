@@ -32,7 +32,7 @@ from pretrain_jax.models import protocol
 from pretrain_jax.objectives import classification
 from pretrain_jax.peft import delta as delta_lib
 from pretrain_jax.training import checkpoints, metrics as metrics_lib, optimizers, partitioning
-from pretrain_jax.training import train_state
+from pretrain_jax.training import preemption as preemption_lib, train_state
 from pretrain_jax.training.train_state import TrainState
 
 
@@ -207,13 +207,28 @@ def _all_hosts_positions(position: dict) -> dict:
 
 def _this_hosts_position(saved: dict) -> dict:
   hosts = saved.get("hosts")
-  if hosts is None:
-    return saved
-  if len(hosts) != jax.process_count():
-    print(f"warning: the checkpoint was written by {len(hosts)} hosts, this run has "
-          f"{jax.process_count()}: each host resumes from host 0's data position")
-    return hosts[0]
-  return hosts[jax.process_index()]
+  return saved if hosts is None else hosts[jax.process_index()]
+
+
+# What a resume must not change: each would silently alter which examples come next.
+_RUN_IDENTITY = {"task": "train.task", "batch_size": "train.batch_size", "seed": "train.seed",
+                 "hosts": "the number of hosts (each reads its own shard of the data)"}
+
+
+def _check_resume(model_dir: str, saved: dict, now: dict, step: int, schedule) -> None:
+  """Refuses a resume that would corrupt the data position; says what a new num_steps does to
+  the learning-rate schedule. `saved`: the identity in the checkpoint (absent in old ones)."""
+  for key, name in _RUN_IDENTITY.items():
+    if key in saved and saved[key] != now[key]:
+      raise UserError(f"{model_dir} was trained with {name} = {saved[key]!r}, this run has "
+                      f"{now[key]!r}: resuming would change which examples come next; use "
+                      f"{saved[key]!r} or a fresh --model_dir")
+  before = saved.get("num_steps")
+  if before is not None and before != now["num_steps"] and step < now["num_steps"]:
+    old_rate = optimizers.make_optimizer(before)[1](step)
+    print(f"train.num_steps changed from {before} to {now['num_steps']}: the learning-rate "
+          f"schedule is laid out over {now['num_steps']} steps from here on (at step {step} "
+          f"the rate goes from {float(old_rate):.3g} to {float(schedule(step)):.3g})")
 
 
 def _absolute(path: str) -> str:
@@ -348,10 +363,13 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
           f"trainable={list(setup.freeze.trainable)}, frozen={list(setup.freeze.frozen)})")
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep_checkpoints)
   delta = delta_lib.Delta.read(model_dir)
+  identity = {"task": task, "batch_size": batch_size, "seed": seed,
+              "hosts": jax.process_count(), "num_steps": total_steps}
   restored = _restore(setup, ckpt, delta, model_dir)
   if restored:
-    state, position = restored
-    position = _this_hosts_position(position)
+    state, saved = restored
+    _check_resume(model_dir, saved.get("run", {}), identity, int(state.step), setup.schedule)
+    position = _this_hosts_position(saved)
     if int(state.step) >= total_steps:
       ckpt.close()
       print(f"{model_dir} is already trained to step {int(state.step)} of {total_steps}: "
@@ -366,8 +384,10 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
       if store_delta:
         delta = _start_delta(setup, state, init_from, base_step, new, model_dir)
   if jax.process_index() == 0:  # only now: a refused model_dir keeps the config it was made by
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+    path = os.path.join(model_dir, "config.gin")
+    with open(path + ".tmp", "w") as f:  # atomic: a kill mid-write leaves the old one whole
       f.write(gin.config_str())
+    os.replace(path + ".tmp", path)
   writer = metrics_lib.MetricsWriter(model_dir, enabled=jax.process_index() == 0)
   writer.truncate_after(int(state.step))
   peak = metrics_lib.peak_flops(jax.devices()[0])
@@ -375,6 +395,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
   last = {}
   bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step",
              dynamic_ncols=True)
+  preemption = preemption_lib.Preemption().install()
+  stopped_at = None
   try:
     stage_start = 0
     for stage_index, (stage_steps, length) in enumerate(stage_list):
@@ -421,15 +443,22 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
         if held_out and (step % eval_every == 0 or step == total_steps):
           last["eval"] = setup.evaluate(state, held_out)
           writer.write(step, eval_split, last["eval"])
-        if step % checkpoint_every == 0 or step == total_steps:
+        stop = preemption.requested()
+        if step % checkpoint_every == 0 or step == total_steps or stop:
           if not setup.all_finite(state):
             raise UserError(
                 f"parameters are not finite at step {step}; stopping without saving this "
                 f"state (last checkpoint: step {ckpt.latest_step()}). Lower the learning "
                 "rate or check the data")
           ckpt.save(step, _to_save(state, delta),
-                    _all_hosts_positions({"stage": stage_index, **data.position}))
+                    {**_all_hosts_positions({"stage": stage_index, **data.position}),
+                     "run": identity})
+        if stop:
+          stopped_at = step
+          break
         t0 += time.perf_counter() - paused
+      if stopped_at is not None:
+        break
       stage_start = stage_end
       position = {"stage": stage_index + 1, "epoch": 0, "batch": 0}
   finally:
@@ -437,8 +466,12 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
     data = None  # a live tf.data iterator can deadlock interpreter shutdown: release it now
     ckpt.wait()
     ckpt.close()
+    preemption.uninstall()  # only now: a first notice during the last write lets it finish
   if jax.process_index() == 0:
     print(_summary(last, metrics_lib.plot(model_dir)))
+    if stopped_at is not None:
+      print(f"Stopped by {preemption.received or 'another host'} at step {stopped_at} of "
+            f"{total_steps}, with a checkpoint there; the same command resumes the run")
   return last
 
 
