@@ -52,6 +52,32 @@ def test_one_device_equals_eight_sharded_devices(tmp_path):
   assert (tmp_path / "one" / "metrics.png").stat().st_size > 10_000
 
 
+def test_sixty_four_fake_devices_give_the_losses_of_one(tmp_path):
+  """The tiny BERT over a 64-way data 4 x fsdp 8 x tensor 2 mesh (a pod slice's worth of
+  devices, simulated on CPU) against a 1-device run, each in its own process."""
+  flags = [f"--gin.{b.replace(' ', '')}" for b in TINY] + [
+      "--gin.train.batch_size=64", "--gin.train.num_steps=3", "--gin.train.eval_every=0",
+      "--gin.train.log_every=1"]
+  losses = {}
+  for devices, mesh in ((1, []), (64, ["--gin.make_mesh.data=4", "--gin.make_mesh.fsdp=8",
+                                       "--gin.make_mesh.tensor=2"])):
+    model_dir = tmp_path / str(devices)
+    env = {**_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    subprocess.run([sys.executable, "-m", "pretrain_jax", "train",
+                    "--gin_file=experiments/bert_tiny_cpu.gin", f"--model_dir={model_dir}",
+                    "--no_progress", *flags, *mesh], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    losses[devices] = _losses(metrics_lib.read(str(model_dir)))
+  assert len(losses[1]) == 3
+  np.testing.assert_allclose(losses[64], losses[1], rtol=2e-5)
+
+
+def test_a_mesh_axis_that_does_not_divide_a_parameter_names_it():
+  with pytest.raises(UserError, match=r"attention/key/bias has shape \(2, 2, 64\): its axis 1 of "
+                                      r"2 does not split 8 ways over mesh axis tensor"):
+    _train("unused", 1, "make_mesh.tensor = 8")
+
+
 def test_parameters_and_optimizer_state_are_sharded():
   gin.clear_config()
   configure(["experiments/bert_tiny_cpu.gin", "meshes/data2_fsdp2_tensor2.gin"], TINY)

@@ -108,16 +108,31 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: dict):
   Leaves carrying `out_sharding` metadata are sharded by their logical names; every other
   array (step counters, scalars) is replicated.
   """
-  def one(x):
+  def one(path, x):
     names = x.get_metadata().get("out_sharding") if isinstance(x, nnx.Variable) else None
     if names and len(names) != len(x.shape):
       names = None  # a factored statistic (Adafactor's row/column second moments): replicate
     elif names:  # a length-1 axis (Adafactor's placeholder statistics) cannot be split
       names = tuple(None if size == 1 else n for n, size in zip(names, x.shape))
     spec = logical_to_spec(names, rules) if names else PartitionSpec()
+    _check_divides(path, x.shape, spec, mesh)
     sharding = NamedSharding(mesh, spec)
     return x.replace(sharding) if isinstance(x, nnx.Variable) else sharding
-  return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(one, abstract_tree,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _check_divides(path, shape, spec: PartitionSpec, mesh: Mesh) -> None:
+  """One line naming the array, instead of XLA's IndivisibleError deep in jit."""
+  for dim, (size, axes) in enumerate(zip(shape, spec)):
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if size % ways:
+      raise UserError(
+          f"{jax.tree_util.keystr(path, simple=True, separator='/')} has shape {tuple(shape)}: "
+          f"its axis {dim} of {size} does not split {ways} ways over mesh axis "
+          f"{' x '.join(axes)} (mesh {dict(mesh.shape)}); use a mesh whose "
+          f"{' x '.join(axes)} size divides {size}")
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
