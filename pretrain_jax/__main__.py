@@ -88,9 +88,19 @@ def main(argv=None) -> int:
   _import_tensorflow_quietly()
   from pretrain_jax.errors import UserError
   try:
+    for flag in ("num", "sequence_length"):
+      if getattr(args, flag) is not None and getattr(args, flag) < 1:
+        raise UserError(f"--{flag}={getattr(args, flag)}; it must be a positive integer")
     if args.multi_host or args.coordinator_address:
       import jax
-      jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+      try:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes,
+                                   args.process_id)
+      except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"jax.distributed.initialize failed (coordinator "
+                        f"{args.coordinator_address or 'auto-detected'}, "
+                        f"{args.num_processes} processes, this one {args.process_id}): "
+                        f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
     from pretrain_jax import registry  # noqa: F401  (gin configurables and tasks, before parsing)
     from pretrain_jax.config import configure
     gin_files = args.gin_file

@@ -139,6 +139,12 @@ def _local_text(tmp, name: str, pattern: str) -> dict:
   return {"pattern": pattern, "run": run}
 
 
+def _a_file(tmp):
+  path = tmp / "a_file"
+  path.write_text("not a directory\n")
+  return path
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("bad_input")
@@ -162,6 +168,14 @@ def runs(tmp_path_factory):
       "unknown_configurable": lambda: _train(tmp / "gin2", "--gin.NoSuchThing.x=1"),
       "missing_gin_file": lambda: _cli("train", "--gin_file=no/such.gin",
                                        f"--model_dir={tmp / 'gin3'}", "--no_progress"),
+      "model_dir_is_a_file": lambda: _train(_a_file(tmp)),
+      "model_dir_cannot_be_made": lambda: _train(_a_file(tmp) / "run"),
+      "negative_eval_every": lambda: _train(tmp / "ev", "--gin.train.eval_every=-1"),
+      "zero_keep_checkpoints": lambda: _train(tmp / "kc", "--gin.train.keep_checkpoints=0"),
+      "show_data_num": lambda: _cli("show-data", "--task=bbc_lm", "--num=0"),
+      "show_data_length": lambda: _cli("show-data", "--task=bbc_lm", "--sequence_length=-3"),
+      "distributed": lambda: _cli("show-data", "--task=bbc_lm", "--num_processes=2",
+                                  "--process_id=7", "--coordinator_address=127.0.0.1:12355"),
   }
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
   futures = {name: pool.submit(job) for name, job in jobs.items()}
@@ -274,3 +288,31 @@ def test_checkpoint_of_another_architecture_keeps_model_dir(runs):
   changed = sorted(k for k in set(result["before"]) | set(result["after"])
                    if result["before"].get(k) != result["after"].get(k))
   assert not changed, f"the refused run changed files in the model_dir: {changed}"
+
+
+# 8. Run options and model_dir ------------------------------------------------------------------
+
+def test_model_dir_that_is_a_file(runs):
+  message = error_line(runs["model_dir_is_a_file"]())
+  assert "a_file is a file; give a directory" in message, message
+
+
+def test_model_dir_that_cannot_be_created(runs):
+  message = error_line(runs["model_dir_cannot_be_made"]())
+  assert "a_file/run cannot be created" in message, message
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("negative_eval_every", "train.eval_every=-1; it must be an integer >= 0"),
+    ("zero_keep_checkpoints", "train.keep_checkpoints=0; it must be a positive integer"),
+    ("show_data_num", "--num=0; it must be a positive integer"),
+    ("show_data_length", "--sequence_length=-3; it must be a positive integer")])
+def test_non_positive_counts(runs, name, expected):
+  message = error_line(runs[name]())
+  assert message.startswith(expected), message
+
+
+def test_a_failing_jax_distributed_initialize(runs):
+  message = error_line(runs["distributed"]())
+  assert message.startswith("jax.distributed.initialize failed (coordinator 127.0.0.1:12355, 2 "
+                            "processes, this one 7)"), message

@@ -231,6 +231,19 @@ def _check_resume(model_dir: str, saved: dict, now: dict, step: int, schedule) -
           f"the rate goes from {float(old_rate):.3g} to {float(schedule(step)):.3g})")
 
 
+def _make_model_dir(model_dir: str) -> None:
+  if "://" in model_dir:
+    return
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise UserError(f"--model_dir {model_dir} is a file; give a directory (new or a run's)")
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--model_dir {model_dir} cannot be created: {e.strerror}") from e
+  if not os.access(model_dir, os.W_OK | os.X_OK):
+    raise UserError(f"--model_dir {model_dir} is not writable; give a directory you can write")
+
+
 def _absolute(path: str) -> str:
   """Orbax wants absolute paths; remote ones (gs://...) already are."""
   return path if "://" in path else os.path.abspath(path)
@@ -342,14 +355,18 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
   total_steps = sum(n for n, _ in stage_list)
   for name, value in dict(batch_size=batch_size, log_every=log_every,
                           checkpoint_every=checkpoint_every, eval_batches=eval_batches,
+                          keep_checkpoints=keep_checkpoints,
                           num_microbatches=num_microbatches, num_steps=total_steps).items():
     if not isinstance(value, int) or value < 1:
       raise UserError(f"train.{name}={value!r}; it must be a positive integer")
+  if not isinstance(eval_every, int) or eval_every < 0:
+    raise UserError(f"train.eval_every={eval_every!r}; it must be an integer >= 0 "
+                    "(0: no evaluation)")
   if batch_size % num_microbatches:
     raise UserError(f"batch_size {batch_size} is not divisible by num_microbatches "
                     f"{num_microbatches}")
   model_dir = _absolute(model_dir)
-  os.makedirs(model_dir, exist_ok=True)
+  _make_model_dir(model_dir)
   setup = Setup(model, loss_fn, total_steps, num_microbatches, seed)
   batch_shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
   if batch_size % batch_shards:
