@@ -244,7 +244,7 @@ def test_generate_and_icl_verbs(pretrained, tmp_path):
     (["generate", "--prompt=x", "--max_new_tokens=0"], "max_new_tokens=0"),
     (["icl"], "needs --task"),
     (["icl", "--task=bbc_lm"], "text-to-text"),
-    (["icl", "--task=bbc_topic", "--num=0"], "num_examples=0"),
+    (["icl", "--task=bbc_topic", "--num=0"], "--num=0; it must be a positive integer"),
 ])
 def test_verbs_refuse_bad_input(pretrained, args, message):
   run = _cli(*args, f"--model_dir={pretrained}")

@@ -181,7 +181,9 @@ def test_sequence_length_stages_switch_by_config(tmp_path):
   ckpt = checkpoints.Checkpointer(str(tmp_path / "stages" / "checkpoints"))
   position = ckpt.manager.restore(6, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
   ckpt.close()
+  run = position["data"].pop("run")  # the run's identity, checked on resume
   assert position["data"] == {"stage": 1, "epoch": 0, "batch": 2}  # 2 batches at length 32
+  assert run == {"task": "bbc_bert", "batch_size": 8, "seed": 0, "hosts": 1, "num_steps": 6}
 
 
 def test_roberta_and_spanbert_train_without_nsp(tmp_path):
