@@ -44,11 +44,25 @@ def configure(gin_files: list[str], bindings: list[str]) -> None:
   root.setLevel(logging.CRITICAL)  # gin logs every search-path miss of an include as an error
   try:
     gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+  except ImportError as e:  # an `import` statement in a gin file (gin adds where it stands)
+    raise UserError(_import_failure(e)) from None
   except (ValueError, KeyError, SyntaxError, IOError, TypeError) as e:
     message = " ".join(str(e).split("\n")[0].split())
     raise UserError(f"gin: {message}{_suggestion(message)}") from None
   finally:
     root.setLevel(level)
+
+
+def _import_failure(e: ImportError) -> str:
+  """One line for a gin file's failing `import`: the statement, its file and line, the reason."""
+  lines = str(e).split("\n")
+  where = re.search(r'In file "([^"]+)", line (\d+)', str(e))
+  statement = next((l.strip() for l in lines[1:] if l.strip().startswith(("import ", "from "))),
+                   f"import {e.name}" if e.name else "an import")
+  place = f"{where.group(1)}:{where.group(2)}" if where else "a gin file"
+  reason = " ".join(lines[0].split()) or type(e).__name__
+  return (f"gin: `{statement}` in {place} failed: {reason}; install that module or remove "
+          "the import (pretrain_jax's own configurables need none)")
 
 
 def bound(name: str, default=None):

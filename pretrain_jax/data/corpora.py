@@ -40,13 +40,32 @@ def _check_split(split: str) -> None:
 
 def _read_text(path: str) -> str:
   """UTF-8, else Windows-1252 (one BBC article is Latin-1: '£' as byte 0xA3), else replace."""
-  data = open(path, "rb").read()
+  with open(path, "rb") as f:
+    return _decode(f.read())
+
+
+def _decode(data: bytes) -> str:
   for encoding in ("utf-8", "cp1252"):
     try:
       return data.decode(encoding)
     except UnicodeDecodeError:
       pass
   return data.decode("utf-8", errors="replace")
+
+
+# Control characters that do not occur in text (tab, newlines, form feed and vertical tab do).
+_BINARY_CHARS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f\ufffd]")
+
+
+def _binary_reason(data: bytes, text: str) -> str | None:
+  """Why bytes read as `text` are not text (a NUL byte, or over 5 % control characters after
+  decoding: an image, an archive, a compiled file), else None."""
+  if b"\0" in data:
+    return f"a NUL byte at offset {data.index(0)}"
+  bad = len(_BINARY_CHARS.findall(text))
+  if bad > 0.05 * max(len(text), 1):
+    return f"{bad} of its {len(text)} characters are control characters"
+  return None
 
 
 def bbc_data_dir() -> str:
@@ -150,7 +169,14 @@ def read_local_documents(pattern: str, separator: str = "file") -> list[str]:
     raise UserError(f"No file matches {pattern!r}.")
   docs = []
   for path in files:
-    text = _read_text(path).replace("\r\n", "\n")
+    with open(path, "rb") as f:
+      data = f.read()
+    text = _decode(data)
+    reason = _binary_reason(data, text)
+    if reason:
+      raise UserError(f"{path} (matched by {pattern!r}) is not text ({reason}); the pattern must "
+                      "match only text files, UTF-8 or Windows-1252 (e.g. '/data/**/*.txt')")
+    text = text.replace("\r\n", "\n")
     parts = [text] if separator == "file" else re.split(r"\n\s*\n", text)
     docs.extend(p.strip() for p in parts if p.strip())
   if not docs:

@@ -29,7 +29,8 @@ import seqio
 import tensorflow as tf
 
 from pretrain_jax.data import corpora, vocabularies
-from pretrain_jax.data.tasks import _ENC_DEC, _add_task, _bbc_count, _bbc_topics, _records_source
+from pretrain_jax.data.tasks import (_ENC_DEC, PreparedTfdsSource, _add_task, _bbc_count,
+                                     _bbc_topics, _records_source)
 from pretrain_jax.errors import UserError
 from pretrain_jax.objectives import classification
 
@@ -305,35 +306,6 @@ GLUE_TASKS = {
     "wnli": (("sentence1", "sentence2"), 2),
 }
 GLUE_VERSION = "2.0.0"
-
-
-class PreparedTfdsSource(seqio.TfdsDataSource):
-  """A read-only TfdsDataSource: seqio's default downloads and prepares a missing dataset the
-  first time a task reads it; this one says how to prepare it instead."""
-
-  def __init__(self, tfds_name: str, splits, tfds_data_dir: str | None = None):
-    super().__init__(tfds_name, tfds_data_dir=tfds_data_dir, splits=splits, read_only=True)
-    self._tfds_name = tfds_name
-
-  def _check_prepared(self) -> None:
-    builder = self.tfds_dataset.builder
-    if not builder.is_prepared():
-      raise UserError(f"TFDS dataset {self._tfds_name} is not prepared in "
-                      f"{builder.data_dir_root}: prepare it once with `tfds build "
-                      f"{self._tfds_name.split(':')[0]}` (downloads it), or set TFDS_DATA_DIR "
-                      "to a folder that holds it")
-
-  def get_dataset(self, *args, **kwargs):
-    self._check_prepared()
-    return super().get_dataset(*args, **kwargs)
-
-  def num_input_examples(self, split: str):
-    self._check_prepared()
-    return super().num_input_examples(split)
-
-  def list_shards(self, split: str):
-    self._check_prepared()
-    return super().list_shards(split)
 
 
 def _glue_splits(name: str) -> dict[str, str]:

@@ -83,6 +83,45 @@ class _Source(seqio.FunctionDataSource):
     return self._count_of_split(split)
 
 
+class PreparedTfdsSource(seqio.TfdsDataSource):
+  """A read-only TfdsDataSource: seqio's default calls `tfds.load(download=True,
+  try_gcs=True)`, which downloads and prepares a missing dataset the first time a task reads
+  it (offline: minutes of retries); this one reads only what is prepared in the data dir
+  (`builder.as_dataset`) and says how to prepare what is missing."""
+
+  def __init__(self, tfds_name: str, splits, tfds_data_dir: str | None = None):
+    super().__init__(tfds_name, tfds_data_dir=tfds_data_dir, splits=splits, read_only=True)
+    self._tfds_name = tfds_name
+
+  def _check_prepared(self) -> None:
+    try:
+      builder = self.tfds_dataset.builder
+      prepared, where = builder.is_prepared(), builder.data_dir_root
+    except Exception as e:  # pylint: disable=broad-except  (an unknown name, a bad data dir)
+      where = (self.tfds_dataset.data_dir or os.environ.get("TFDS_DATA_DIR")
+               or "~/tensorflow_datasets")
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+      raise UserError(f"TFDS dataset {self._tfds_name} cannot be opened in {where}: {reason}; "
+                      f"check its name and version (`tfds build {self._tfds_name} "
+                      f"--data_dir={where}` prepares one of TFDS's catalog)") from None
+    if not prepared:
+      raise UserError(f"TFDS dataset {self._tfds_name} is not prepared in {where}: prepare it "
+                      f"once with `tfds build {self._tfds_name} --data_dir={where}` (downloads "
+                      "it), or set TFDS_DATA_DIR to a folder that holds it")
+
+  def get_dataset(self, *args, **kwargs):
+    self._check_prepared()
+    return super().get_dataset(*args, **kwargs)
+
+  def num_input_examples(self, split: str):
+    self._check_prepared()
+    return super().num_input_examples(split)
+
+  def list_shards(self, split: str):
+    self._check_prepared()
+    return super().list_shards(split)
+
+
 def _records_source(records_of_split, count_of_split) -> seqio.DataSource:
   """A SeqIO source of in-memory records (a dict of equal-length lists per split), shuffled
   per seed when the trainer asks."""
@@ -213,6 +252,7 @@ def with_wordpiece(task: str = gin.REQUIRED, vocab_file: str = gin.REQUIRED) -> 
   if not os.path.isfile(vocab_file):
     raise UserError(f"with_wordpiece.vocab_file={vocab_file!r}: no such file (a vocab.txt, "
                     "one WordPiece a line)")
+  vocabularies.read_wordpiece_tokens(vocab_file, "with_wordpiece.vocab_file=")  # or UserError
   with open(vocab_file, "rb") as f:
     digest = hashlib.sha1(f.read()).hexdigest()[:8]
   name = f"{task}_wp{digest}"
@@ -256,7 +296,7 @@ def local_text_task(pattern: str = gin.REQUIRED, separator: str = "file",
 def tfds_denoising_task(tfds_name: str = gin.REQUIRED, vocabulary=gin.REQUIRED,
                         objective: str = "span_corruption", text_key: str = "text",
                         splits=(("train", "train"), ("validation", "validation")),
-                        name: str | None = None) -> str:
+                        name: str | None = None, tfds_data_dir: str | None = None) -> str:
   """A T5 objective over a TFDS text dataset (C4 for the T5X recipe); like tfds_lm_task,
   nothing is read before training and nothing is downloaded."""
   if objective not in DENOISING_OBJECTIVES:
@@ -264,7 +304,7 @@ def tfds_denoising_task(tfds_name: str = gin.REQUIRED, vocabulary=gin.REQUIRED,
                     f"{DENOISING_OBJECTIVES}")
   task_name = name or objective + "_" + "".join(c if c.isalnum() else "_" for c in tfds_name)
   if task_name not in seqio.TaskRegistry.names():
-    source = seqio.TfdsDataSource(tfds_name, splits=dict(splits))
+    source = PreparedTfdsSource(tfds_name, dict(splits), tfds_data_dir)
     _denoising_task(task_name, source, objective, vocabulary, text_key)
   return task_name
 
@@ -272,13 +312,14 @@ def tfds_denoising_task(tfds_name: str = gin.REQUIRED, vocabulary=gin.REQUIRED,
 @gin.configurable
 def tfds_lm_task(tfds_name: str = gin.REQUIRED, vocabulary=gin.REQUIRED, text_key: str = "text",
                  splits=(("train", "train"), ("validation", "validation")),
-                 name: str | None = None) -> str:
+                 name: str | None = None, tfds_data_dir: str | None = None) -> str:
   """Registers a causal-LM task over a TFDS text dataset (e.g. "c4/en:3.1.0") and returns its
   name, for gin: `train.task = @tfds_lm_task()`. Nothing is read until training starts; the
-  dataset must already be prepared in TFDS_DATA_DIR (this code never downloads)."""
+  dataset must already be prepared in `tfds_data_dir` (default TFDS_DATA_DIR): this code never
+  downloads, a missing one is a UserError naming the `tfds build` command (PreparedTfdsSource)."""
   task_name = name or "lm_" + "".join(c if c.isalnum() else "_" for c in tfds_name)
   if task_name not in seqio.TaskRegistry.names():
-    _lm_task(task_name, seqio.TfdsDataSource(tfds_name, splits=dict(splits)), vocabulary,
+    _lm_task(task_name, PreparedTfdsSource(tfds_name, dict(splits), tfds_data_dir), vocabulary,
              text_key)
   return task_name
 

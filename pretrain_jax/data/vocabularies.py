@@ -44,8 +44,7 @@ class WordPieceVocabulary(seqio.Vocabulary):
 
   def __init__(self, vocab_file: str):
     self._vocab_file = vocab_file
-    with tf.io.gfile.GFile(vocab_file) as f:
-      self._tokens = [line.rstrip("\r\n") for line in f]
+    self._tokens = read_wordpiece_tokens(vocab_file)
     self._ids = {t: i for i, t in enumerate(self._tokens)}
     self._tokenizer = None  # Built lazily: TF resources do not pickle.
     super().__init__(extra_ids=0)
@@ -137,6 +136,78 @@ class WordPieceVocabulary(seqio.Vocabulary):
     return text
 
 
+# Special tokens a BERT WordPiece vocabulary must hold (looked up by name).
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_VOCAB_TXT = "a vocab.txt lists one WordPiece a line, [PAD] [UNK] [CLS] [SEP] [MASK] among them"
+
+
+def _read_bytes(path: str, what: str) -> bytes:
+  if tf.io.gfile.isdir(path):
+    raise UserError(f"{what}{path!r} is a directory; give a file")
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return f.read()
+
+
+def _is_sentencepiece_model(data: bytes) -> bool:
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+  try:
+    return len(sentencepiece_model_pb2.ModelProto.FromString(data).pieces) > 0
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def read_wordpiece_tokens(vocab_file: str, what: str = "WordPiece vocab file ") -> list[str]:
+  """The tokens of a WordPiece vocab.txt, one a line; UserError naming the file (after `what`,
+  say "with_wordpiece.vocab_file=") when it is empty, not UTF-8 text (a binary file, a
+  SentencePiece model) or lacks BERT's special tokens."""
+  data = _read_bytes(vocab_file, what)
+  if not data.strip():
+    raise UserError(f"{what}{vocab_file!r} is empty; {_VOCAB_TXT}")
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if _is_sentencepiece_model(data):
+      raise UserError(f"{what}{vocab_file!r} is a SentencePiece model, not a vocab.txt; "
+                      f"{_VOCAB_TXT}") from None
+    raise UserError(f"{what}{vocab_file!r} is not UTF-8 text (byte "
+                    f"0x{data[e.start]:02x} at offset {e.start}: a binary file?); "
+                    f"{_VOCAB_TXT}") from None
+  if "\0" in text:
+    raise UserError(f"{what}{vocab_file!r} is not text (a NUL byte at offset "
+                    f"{text.index(chr(0))}: a binary file?); {_VOCAB_TXT}")
+  tokens = [line.rstrip("\r") for line in text.split("\n")]
+  if tokens and tokens[-1] == "":  # the final newline ends the last line, it opens none
+    tokens.pop()
+  missing = [t for t in WORDPIECE_SPECIALS if t not in set(tokens)]
+  if missing:
+    raise UserError(f"{what}{vocab_file!r} ({len(tokens)} lines) has no "
+                    f"{' '.join(missing)} token{'s' if len(missing) > 1 else ''}: not a BERT "
+                    f"vocabulary; {_VOCAB_TXT}")
+  return tokens
+
+
+def check_sentencepiece_model(model_file: str, what: str = "SentencePiece model ") -> None:
+  """UserError naming `model_file` (after `what`) unless it holds a SentencePiece model that
+  loads: seqio reads it only at first use, deep inside a tf.data graph or a training step."""
+  import sentencepiece  # pylint: disable=import-outside-toplevel
+  data = _read_bytes(model_file, what)
+  hint = "give the .model file spm_train wrote (not its .vocab, nor a WordPiece vocab.txt)"
+  if not data:
+    raise UserError(f"{what}{model_file!r} is empty; {hint}")
+  try:
+    sentencepiece.SentencePieceProcessor().LoadFromSerializedProto(data)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if "ParseFromArray" in reason:  # not a serialized ModelProto at all
+      try:
+        data.decode("utf-8")
+        reason = "it is a text file"
+      except UnicodeDecodeError:
+        reason = "its bytes do not parse as one"
+    raise UserError(f"{what}{model_file!r} is not a SentencePiece model ({reason}); "
+                    f"{hint}") from None
+
+
 @functools.lru_cache(maxsize=None)
 def bbc_wordpiece() -> WordPieceVocabulary:
   """Uncased WordPiece, 8k tokens, trained on the BBC train split by scripts/train_vocab.py."""
@@ -158,4 +229,5 @@ def sentencepiece_vocabulary(model_file: str = gin.REQUIRED,
                     "take it from VOCAB_FILE: --gin.VOCAB_FILE=\"'/path/spm.model'\")")
   if not os.path.exists(model_file) and "://" not in model_file:
     raise UserError(f"sentencepiece_vocabulary.model_file={model_file!r}: no such file")
+  check_sentencepiece_model(model_file, "sentencepiece_vocabulary.model_file=")
   return seqio.SentencePieceVocabulary(model_file, extra_ids)

@@ -16,8 +16,21 @@ def _prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
   if prompt_file:
     if not os.path.exists(prompt_file):
       raise UserError(f"--prompt_file={prompt_file}: no such file")
-    with open(prompt_file, encoding="utf-8") as f:
-      prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if os.path.isdir(prompt_file):
+      raise UserError(f"--prompt_file={prompt_file} is a directory; give a text file, one "
+                      "prompt a line")
+    with open(prompt_file, "rb") as f:
+      data = f.read()
+    try:
+      text = data.decode("utf-8").removeprefix("\ufeff")  # a BOM is no prompt text
+    except UnicodeDecodeError as e:
+      raise UserError(f"--prompt_file={prompt_file} is not UTF-8 text (byte "
+                      f"0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8, one "
+                      "prompt a line") from None
+    if "\0" in text:
+      raise UserError(f"--prompt_file={prompt_file} is not text (a NUL byte at offset "
+                      f"{text.index(chr(0))}); give a UTF-8 text file, one prompt a line")
+    prompts += [line.rstrip("\r") for line in text.split("\n") if line.strip()]
   if not prompts:
     raise UserError("generate needs --prompt TEXT (repeatable) or --prompt_file FILE")
   return prompts
@@ -61,6 +74,7 @@ def icl(model_dir, task, split, shots, mode, template, separator, max_input_word
         as_json, calibrate=False) -> None:
   if not task:
     raise UserError("icl needs --task NAME (a text-to-text task, e.g. bbc_topic)")
+  in_context.check_task_split(task, split)  # before the checkpoint is read
   model, vocabulary, step = loading.load(model_dir)
   if not isinstance(model, protocol.Decoder) or isinstance(model, protocol.EncoderDecoder):
     raise UserError("icl needs a decoder-only language model (a GPT config); "

@@ -57,10 +57,21 @@ class Template:
     return self.separator.join([self.solved(i, t) for i, t in shots] + [context]), space
 
 
-def task_examples(task: str, split: str) -> list[tuple[str, str]]:
-  """(inputs, targets) texts of a SeqIO text-to-text task, before tokenization."""
+def check_task_split(task: str, split: str, shots_split: str = "train") -> None:
+  """UserError unless `task` is registered and has `split` (the queries) and `shots_split`
+  (the solved examples), naming the splits it has."""
   if task not in seqio.TaskRegistry.names() and task not in seqio.MixtureRegistry.names():
     raise UserError(f"unknown task {task!r} (see show-data --list)")
+  splits = list(seqio.get_mixture_or_task(task).splits)
+  for flag, name in (("--split", split), ("shots_split", shots_split)):
+    if name not in splits:
+      raise UserError(f"{flag}={name!r}: task {task!r} has no such split; its splits: "
+                      f"{', '.join(splits)}")
+
+
+def task_examples(task: str, split: str) -> list[tuple[str, str]]:
+  """(inputs, targets) texts of a SeqIO text-to-text task, before tokenization."""
+  check_task_split(task, split, split)
   provider = seqio.get_mixture_or_task(task)
   if not {"inputs", "targets"} <= set(provider.output_features):
     raise UserError(f"task {task!r} has features {sorted(provider.output_features)}; in-context "
