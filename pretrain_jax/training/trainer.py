@@ -406,7 +406,9 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
       f.write(gin.config_str())
     os.replace(path + ".tmp", path)
   writer = metrics_lib.MetricsWriter(model_dir, enabled=jax.process_index() == 0)
-  writer.truncate_after(int(state.step))
+  # Records past the checkpoint are redone; with none (a run killed before its first
+  # checkpoint), all of them, the step-0 evaluation included.
+  writer.truncate_after(int(state.step) if restored else -1)
   peak = metrics_lib.peak_flops(jax.devices()[0])
   step = int(state.step)
   last = {}

@@ -1,0 +1,249 @@
+"""Runs survive: SIGKILL at random moments while checkpoints are being written, and a checkpoint
+restored onto another mesh shape evaluates to the same loss."""
+
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pretrain_jax.config import bound, configure
+from pretrain_jax.training import checkpoints, metrics as metrics_lib, train_state, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The toy LM of test_train_state.py (tests/toy_models.py), a checkpoint after every step: the
+# process spends most of its time inside a checkpoint write, so a kill at a random moment
+# usually lands in one.
+KILL_GIN = """
+import toy_models
+train.model = @toy_lm
+train.loss_fn = @toy_lm_loss
+train.task = 'bbc_lm'
+train.feature_converter = @CausalLmFeatureConverter()
+CausalLmFeatureConverter.pack = True
+warmup_linear_decay.learning_rate = 1e-2
+warmup_linear_decay.warmup_steps = 2
+train.batch_size = 8
+train.sequence_length = 16
+train.log_every = 1
+train.eval_every = 10
+train.eval_batches = 2
+train.checkpoint_every = 1
+"""
+KILLS = 20
+KILL_STEPS = 70  # 20 kills advance the run by ~20-40 steps: each interrupts a live run
+KILL_SEED = 12  # the kills' moments: a failure reproduces with the same seed
+_TIMING = {"tokens_per_sec", "mfu"}
+_WARM = "PRETRAIN_JAX_TEST_FORKSERVER_WARM"
+
+
+def _warm_up() -> None:
+  """In the fork server only (it imports this module as a preload): import everything and
+  build the task's datasets once, so tf.data's autograph conversions are cached for every
+  child. Touches no jax backend: each child initialises its own."""
+  from pretrain_jax import __main__, registry  # noqa: F401  pylint: disable=unused-import
+  from pretrain_jax.config import bound
+  from pretrain_jax.data import pipeline
+  import seqio
+  import toy_models  # noqa: F401  pylint: disable=unused-import
+  gin.parse_config(KILL_GIN)
+  lengths, converter = pipeline.feature_lengths(16), bound("train.feature_converter")
+  pipeline._dataset("bbc_lm", lengths, converter, "train", 0, True, seqio.ShardInfo(0, 1))  # pylint: disable=protected-access
+  pipeline._dataset("bbc_lm", lengths, converter, "validation", 0, False)  # pylint: disable=protected-access
+  gin.clear_config()
+
+
+if os.environ.get(_WARM) == "1":
+  _warm_up()
+
+
+def _child(argv, log) -> None:
+  """A forked `python -m pretrain_jax ARGV`, its stdout and stderr (line-buffered) to `log`."""
+  fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+  os.dup2(fd, 1)
+  os.dup2(fd, 2)
+  sys.stdout = os.fdopen(1, "w", buffering=1)
+  sys.stderr = os.fdopen(2, "w", buffering=1)
+  gin.clear_config()
+  from pretrain_jax.__main__ import main  # pylint: disable=import-outside-toplevel
+  sys.exit(main(argv))
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+  """A multiprocessing context whose children fork from a server that has already imported
+  tensorflow, jax, seqio and orbax (a fresh interpreter takes ~5 s for them) but not started
+  jax: 1 CPU device per child."""
+  ctx = multiprocessing.get_context("forkserver")
+  ctx.set_forkserver_preload([__name__])
+  saved = {k: os.environ.get(k) for k in ("XLA_FLAGS", _WARM, "PYTHONPATH")}
+  os.environ.update({"XLA_FLAGS": "--xla_force_host_platform_device_count=1", _WARM: "1",
+                     "PYTHONPATH": os.pathsep.join([os.path.join(REPO, "tests"),
+                                                   saved["PYTHONPATH"] or ""])})
+  try:
+    from multiprocessing import forkserver as fs  # pylint: disable=import-outside-toplevel
+    fs.ensure_running()
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  yield ctx
+  from multiprocessing import forkserver as fs  # pylint: disable=import-outside-toplevel
+  fs._forkserver._stop()  # pylint: disable=protected-access
+
+
+def _argv(gin_file, model_dir, *bindings):
+  return ["train", f"--gin_file={gin_file}", f"--model_dir={model_dir}", "--no_progress",
+          f"--gin.train.num_steps={KILL_STEPS}", *[f"--gin.{b}" for b in bindings]]
+
+
+def _entries(checkpoints) -> set[str]:
+  return set(os.listdir(checkpoints)) if os.path.isdir(checkpoints) else set()
+
+
+def _steps(entries) -> set[int]:
+  """The steps of checkpoint directories, finished (STEP) or being written (STEP.orbax-...)."""
+  return {int(e.split(".")[0]) for e in entries
+          if e.isdigit() or (".orbax-checkpoint-tmp" in e and e.split(".")[0].isdigit())}
+
+
+def _intact(entries) -> list[int]:
+  return sorted(int(e) for e in entries if e.isdigit())
+
+
+def _records(model_dir) -> list[dict]:
+  return [{k: v for k, v in r.items() if k not in _TIMING}
+          for r in metrics_lib.read(str(model_dir))]
+
+
+def test_twenty_random_kills_during_checkpoint_writes_resume_to_the_same_metrics(
+    tmp_path, forkserver):
+  gin_file = tmp_path / "kill.gin"
+  gin_file.write_text(KILL_GIN)
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  ref = forkserver.Process(target=_child, args=(
+      _argv(gin_file, straight, f"train.checkpoint_every={KILL_STEPS}"), tmp_path / "ref.log"))
+  ref.start()
+  ref.join(300)
+  assert ref.exitcode == 0, (tmp_path / "ref.log").read_text()[-3000:]
+
+  rng = random.Random(KILL_SEED)
+  checkpoints = killed / "checkpoints"
+  inside_write, damaged, resumed_from = 0, 0, []
+  for attempt in range(KILLS + 1):
+    before = _entries(checkpoints)
+    log = tmp_path / f"attempt{attempt}.log"
+    proc = forkserver.Process(target=_child, args=(_argv(gin_file, killed), log))
+    proc.start()
+    if attempt == KILLS:  # the last one runs to the end
+      proc.join(300)
+      text = log.read_text()
+      assert proc.exitcode == 0, text[-3000:]
+    else:
+      # Wait for this run's first or second checkpoint write to start (entries the killed
+      # one did not leave: orbax removes the old tmp dirs on start), then kill it up to
+      # 0.1 s later, as likely in the write as in the step it overlaps. The first kill lands
+      # in the run's very first write: the next run starts afresh.
+      writes = 1 if attempt == 0 else rng.randint(1, 2)
+      deadline = time.time() + 120
+      while len(_steps(_entries(checkpoints) - before)) < writes:
+        assert proc.is_alive(), log.read_text()[-3000:]
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.002)
+      time.sleep(0 if attempt == 0 else rng.uniform(0, 0.1))
+      os.kill(proc.pid, signal.SIGKILL)
+      proc.join(60)
+      assert proc.exitcode == -signal.SIGKILL, "the run ended before it was killed"
+      text = log.read_text()
+    left = _entries(checkpoints)
+    inside_write += any("orbax-checkpoint-tmp" in e for e in left) and attempt < KILLS
+    # This run resumed from the newest intact checkpoint the previous one left: none set aside
+    # means it was the newest step directory; any set aside were damaged by the kill.
+    warned = [int(s) for s in _damaged_warnings(text)]
+    damaged += len(warned)
+    newest = [s for s in _intact(before) if s not in warned]
+    if newest:
+      assert f"Resuming from step {newest[-1]} in {killed}" in text, text[-3000:]
+      resumed_from.append(newest[-1])
+    else:
+      assert "Resuming from step" not in text, text[-3000:]
+      resumed_from.append(0)
+    assert "Traceback" not in text, text[-3000:]
+  print(f"\n{inside_write} of {KILLS} kills left an unfinished checkpoint write (tmp dir), "
+        f"{damaged} damaged checkpoints set aside; resumed from steps {resumed_from}")
+  assert resumed_from[0] == 0 and resumed_from[1] == 0  # the first kill: no checkpoint yet
+  assert inside_write >= KILLS // 2, (inside_write, resumed_from)
+  a, b = _records(straight), _records(killed)
+  assert len(a) == KILL_STEPS + KILL_STEPS // 10 + 1  # train: every step; eval: 0 and every 10
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x == y, f"{x} != {y}"
+  assert (killed / "metrics.jsonl").read_text().endswith("}\n")
+
+
+def _damaged_warnings(text: str) -> list[str]:
+  marker = "warning: checkpoint "
+  return [line[len(marker):].split()[0] for line in text.splitlines()
+          if line.startswith(marker) and " is damaged " in line]
+
+
+MESHES = ("data2_fsdp2_tensor2", "data_parallel", "fsdp")
+
+
+def test_a_checkpoint_restored_onto_another_mesh_evaluates_to_the_same_loss(tmp_path):
+  """The toy LM (embedding and head sharded by vocab over `tensor`, embed over `fsdp`) trained
+  6 steps on data 2 x fsdp 2 x tensor 2 (8 devices), then `evaluate_checkpoint` with each mesh:
+  the same held-out metrics as on the training mesh (and as the run's own last evaluation),
+  and the checkpoint read onto each mesh holds the same parameters, laid out anew."""
+  run = tmp_path / "run"
+  gin_file = tmp_path / "toy.gin"
+  gin_file.write_text(KILL_GIN)
+  gin.clear_config()
+  configure([str(gin_file), f"meshes/{MESHES[0]}.gin"],
+            ["train.num_steps = 6", "train.eval_every = 6", "train.checkpoint_every = 6"])
+  trainer.train(str(run), progress=False)
+  logged = [r for r in metrics_lib.read(str(run)) if r["split"] == "validation"][-1]
+  assert logged["step"] == 6
+  results, params, specs = {}, {}, {}
+  for mesh in MESHES:
+    gin.clear_config()
+    configure([str(run / "config.gin"), f"meshes/{mesh}.gin"], [])
+    results[mesh] = trainer.evaluate_checkpoint(str(run))
+    setup = trainer.Setup(bound("train.model"), bound("train.loss_fn"), 6)
+    ckpt = checkpoints.Checkpointer(str(run / "checkpoints"), read_only=True)
+    try:
+      state, _ = ckpt.restore(setup.abstract_with_shardings())
+    finally:
+      ckpt.close()
+    flat = {train_state.path_of(p): v.get_value() for p, v in nnx.to_flat_state(state.params)}
+    params[mesh] = jax.device_get(flat)
+    specs[mesh] = {p: (dict(x.sharding.mesh.shape), x.sharding.shard_shape(x.shape))
+                   for p, x in flat.items()}
+  print("\neval loss by mesh:", {m: results[m]["loss"] for m in MESHES}, "logged", logged["loss"])
+  for mesh in MESHES:
+    assert results[mesh]["step"] == 6
+    for path, value in params[MESHES[0]].items():
+      np.testing.assert_array_equal(params[mesh][path], value, err_msg=f"{mesh} {path}")
+    assert set(results[mesh]) == set(results[MESHES[0]])
+    for name, value in results[MESHES[0]].items():
+      if isinstance(value, float):
+        np.testing.assert_allclose(results[mesh][name], value, rtol=1e-6,
+                                   err_msg=f"{mesh} {name}")
+  np.testing.assert_allclose(results[MESHES[0]]["loss"], logged["loss"], rtol=1e-6)
+  # The arrays really were laid out anew: the head's (8, 8128) kernel split 2 x 2 over fsdp
+  # and tensor on the training mesh, 8 ways over fsdp on `fsdp`, whole on `data_parallel`.
+  kernel = {m: specs[m]["head/kernel"] for m in MESHES}
+  assert kernel == {
+      "data2_fsdp2_tensor2": ({"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}, (4, 4064)),
+      "data_parallel": ({"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}, (8, 8128)),
+      "fsdp": ({"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}, (1, 8128))}, kernel
