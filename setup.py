@@ -30,7 +30,8 @@ setuptools.setup(
         "safetensors",  # import-bert reads Hugging Face checkpoints
     ],
     extras_require={
-        "dev": ["pytest", "scikit-learn", "scipy"],  # the metric tests' references
+        "dev": ["pytest", "scikit-learn", "scipy",  # the metric tests' references
+                "libtpu==0.0.42.*"],  # the aot tests compile for TPU topologies
         "tpu": ["libtpu==0.0.42.*"],
         "hf": ["transformers", "torch==2.13.0", "safetensors"],
     },

@@ -1,6 +1,7 @@
 """Command line: python -m pretrain_jax VERB --gin_file=F [--gin.NAME=VALUE ...] [flags].
 
-Verbs: train, eval, show-data, generate, icl, info, export (a prefix-tuned run with its
+Verbs: train, eval, show-data, generate, icl, info, aot (the train step compiled for a TPU
+topology without one: memory per chip, FLOPs, predicted step and recipe time), export (a prefix-tuned run with its
 prefixes stored plain, into --out_dir), import-bert (a local Hugging Face BERT directory as a
 run directory --out_dir, for train.init_from). Bad input ends in one line on stderr and
 exit status 2. eval, generate and icl read MODEL_DIR/config.gin when no --gin_file is given.
@@ -15,7 +16,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow only feeds data here
 
-VERBS = ("train", "eval", "show-data", "generate", "icl", "info", "export", "import-bert")
+VERBS = ("train", "eval", "show-data", "generate", "icl", "info", "aot", "export",
+         "import-bert")
 
 
 def _parse(argv):
@@ -34,8 +36,11 @@ def _parse(argv):
   parser.add_argument("--sequence_length", type=int, default=None,
                       help="show-data: length (default: train.sequence_length or 128)")
   parser.add_argument("--json", action="store_true",
-                      help="show-data: one JSON object a line; info: one JSON object")
+                      help="show-data: one JSON object a line; info, aot: one JSON object")
   parser.add_argument("--list", action="store_true", help="show-data: list tasks and mixtures")
+  parser.add_argument("--topology", help="aot: TPU topology, e.g. v5e:8x8, v4:4x4x4, v3:8x8")
+  parser.add_argument("--mesh", help="the mesh gin_configs/meshes/NAME.gin (e.g. fsdp, "
+                      "data_parallel), after every --gin_file")
   parser.add_argument("--no_progress", action="store_true", help="train: no progress bar")
   gen = parser.add_argument_group("generate")
   gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -109,6 +114,8 @@ def main(argv=None) -> int:
       if not os.path.exists(saved):
         raise UserError(f"{args.verb}: no --gin_file and no {saved}")
       gin_files = [saved]
+    if args.mesh:
+      gin_files = [*gin_files, f"meshes/{args.mesh}.gin"]
     configure(gin_files, bindings)
     if args.verb == "train":
       from pretrain_jax.training import trainer
@@ -137,6 +144,9 @@ def main(argv=None) -> int:
       import json
       from pretrain_jax.models import bert_import
       print(json.dumps(bert_import.import_bert(args.hf_dir, args.out_dir)))
+    elif args.verb == "aot":
+      from pretrain_jax.training import aot
+      aot.main(args.topology, as_json=args.json)
     elif args.verb == "info":
       from pretrain_jax.training import info
       info.main(as_json=args.json)
