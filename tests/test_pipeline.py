@@ -210,3 +210,72 @@ def test_epochs_differ_and_resume_is_exact(small_corpus):
     for _, expected in stream[k:k + 3]:
       got = next(resumed)
       assert all(np.array_equal(got[f], expected[f]) for f in expected)
+
+
+def _same(a, b):
+  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype
+                                      for k in a)
+
+
+def test_a_restored_iterator_state_continues_bitwise_mid_epoch_and_across_epochs(
+    small_corpus, tmp_path, capsys):
+  """The checkpointed iterator (no replay) gives exactly the uninterrupted batches, from inside
+  an epoch and from its last batch (the next one is epoch 1's first)."""
+  lengths = {"inputs": 32, "targets": 32}
+  make = lambda **kw: pipeline.TrainBatches(small_corpus, lengths, MaskedLmFeatureConverter(),
+                                            8, seed=0, **kw)
+  data, saved, stream = make(), {}, []
+  while data.position["epoch"] < 1 or data.position["batch"] < 3:
+    if data.position["batch"] == 2 and data.position["epoch"] == 0:
+      data.save_state(str(tmp_path / "mid"))
+      saved["mid"] = (dict(data.position), len(stream))
+    stream.append(next(data))
+    if data.position == {"epoch": 0, "batch": data.position["batch"]}:
+      end = dict(data.position)
+  epoch_length = end["batch"]
+  assert epoch_length >= 4
+  # The last batch of epoch 0: replay to it, save there, as the trainer would.
+  last = make(position=end)
+  last.save_state(str(tmp_path / "end"))
+  saved["end"] = (end, epoch_length)
+  for name, (position, k) in saved.items():
+    resumed = make(position=position, state_dir=str(tmp_path / name))
+    assert resumed.restored, name
+    for expected in stream[k:k + 3]:
+      assert _same(next(resumed), expected), name
+    assert resumed.position["epoch"] == (1 if name == "end" else 0)
+  assert "warning" not in capsys.readouterr().err
+
+
+def test_a_missing_damaged_or_mismatched_iterator_state_is_announced_and_replayed(
+    small_corpus, tmp_path, capsys):
+  lengths = {"inputs": 32, "targets": 32}
+  make = lambda **kw: pipeline.TrainBatches(small_corpus, lengths, MaskedLmFeatureConverter(),
+                                            8, seed=0, **kw)
+  data = make()
+  stream = [next(data) for _ in range(4)]
+  data = make(position={"epoch": 0, "batch": 2})
+  data.save_state(str(tmp_path / "state"))
+  (tmp_path / "damaged").mkdir()
+  for f in (tmp_path / "state").iterdir():
+    content = f.read_bytes()
+    (tmp_path / "damaged" / f.name).write_bytes(
+        content if f.name == "position.json" else content[:len(content) // 2])
+  cases = {"missing": ({"epoch": 0, "batch": 2}, "FileNotFoundError"),
+           "damaged": ({"epoch": 0, "batch": 2}, ""),
+           "state": ({"epoch": 0, "batch": 1}, "batch differ")}  # another position's state
+  for name, (position, reason) in cases.items():
+    resumed = make(position=position, state_dir=str(tmp_path / name))
+    err = capsys.readouterr().err
+    assert not resumed.restored and err.count("\n") == 1 and reason in err, (name, err)
+    assert f"warning: no usable data-iterator state in {tmp_path / name}" in err
+    assert f"replaying {position['batch']} batches of epoch 0" in err
+    assert _same(next(resumed), stream[position["batch"]]), name
+
+
+def test_iterator_states_are_pruned_with_their_checkpoints(tmp_path):
+  for step in (10, 20, 30):
+    os.makedirs(pipeline.iterator_state_dir(str(tmp_path), step))
+  pipeline.prune_iterator_states(str(tmp_path), {20, 30})
+  assert sorted(os.listdir(tmp_path / pipeline.ITERATOR_DIR)) == ["20", "30"]
+  assert os.listdir(tmp_path / pipeline.ITERATOR_DIR / "30") == ["process_0"]

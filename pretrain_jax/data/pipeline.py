@@ -1,8 +1,12 @@
 """Host input pipeline: SeqIO datasets → numpy batches → global, sharded jax.Arrays.
 
 Epoch e is the task shuffled and masked with seed + e, so the data position is just
-(epoch, batch): a resumed run rebuilds epoch e and skips the batches it already trained on,
-and sees exactly the batches an uninterrupted run would have seen.
+(epoch, batch). Each checkpoint also holds each host's tf.data iterator state (`save_state`:
+the pipeline's counters, shuffle and prefetch buffers), so a resumed run restores the iterator
+instead of replaying the epoch's preprocessing up to the batch: the resume costs the same at
+any point of an epoch. Without a usable state (an old checkpoint, a damaged or mismatched
+file) it says so in one line and replays: rebuilds epoch e and skips the batches already
+trained on. Either way it sees exactly the batches an uninterrupted run would have seen.
 
 Hosts split the data one of two ways (gin: `host_batches.sharding`):
   "source": each host reads its own shard of the source (SeqIO ShardInfo) — the scalable
@@ -13,7 +17,10 @@ Hosts split the data one of two ways (gin: `host_batches.sharding`):
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
 
 import gin
 import jax
@@ -68,9 +75,12 @@ def _dataset(task: str, feature_lengths: dict, converter, split: str, seed: int 
   splits = provider(task).splits
   if split not in splits:
     raise UserError(f"task {task!r} has no split {split!r}; its splits: {', '.join(splits)}")
-  return seqio.get_dataset(task, feature_lengths, converter, dataset_split=split,
-                           shuffle=shuffle, num_epochs=1, shard_info=shard, seed=seed,
-                           verbose=False)
+  # seqio.get_dataset, but without SeqIO's in-memory cache of small sources: each iterator
+  # is read once, so the cache saves nothing, and it is most of a saved iterator state (the
+  # whole corpus) and cannot be checkpointed symbolically.
+  ds = provider(task).get_dataset(feature_lengths, split=split, shuffle=shuffle, seed=seed,
+                                  shard_info=shard, num_epochs=1, try_in_mem_cache=False)
+  return converter(ds, task_feature_lengths=feature_lengths)
 
 
 @gin.configurable
@@ -103,19 +113,31 @@ def _host_options() -> tf.data.Options:
 
 
 class TrainBatches:
-  """An endless, resumable iterator of host batches (dicts of numpy arrays)."""
+  """An endless, resumable iterator of host batches (dicts of numpy arrays).
+
+  `position` {"epoch", "batch"}: where to start. `state_dir`: a directory `save_state` wrote at
+  that position; its iterator state is restored instead of replaying the epoch up to the
+  batch. A missing, damaged or mismatched state is announced on stderr and replayed."""
 
   def __init__(self, task: str, feature_lengths: dict, converter, batch_size: int, seed: int,
-               split: str = "train", position: dict | None = None):
+               split: str = "train", position: dict | None = None,
+               state_dir: str | None = None):
     self.task, self.feature_lengths, self.converter = task, feature_lengths, converter
     self.split, self.seed, self.batch_size = split, seed, batch_size
     self.position = dict(position or {"epoch": 0, "batch": 0})
-    self._it = self._epoch_iterator(skip=self.position["batch"])
+    self.restored = False  # whether the iterator came from a saved state (not a replay)
+    if state_dir is not None:
+      self.restored = self._restore(state_dir)
+    if not self.restored:
+      self._skip = self.position["batch"]
+      self._it = self._epoch_iterator(self._skip)
 
   def _epoch_iterator(self, skip: int):
+    """Epoch `position["epoch"]` less its first `skip` batches. `skip` is part of the graph a
+    saved state belongs to (its counter is in the state), so a restore rebuilds it."""
     ds = host_batches(self.task, self.feature_lengths, self.converter, self.batch_size,
                       self.split, self.seed + self.position["epoch"], shuffle=True)
-    return ds.skip(skip).prefetch(2).as_numpy_iterator()
+    return iter(ds.skip(skip).prefetch(2))
 
   def __iter__(self):
     return self
@@ -130,10 +152,77 @@ class TrainBatches:
             f"{self.batch_size} examples at lengths {self.feature_lengths}: the corpus is "
             "empty or too small; add documents or lower the batch size") from None
       self.position = {"epoch": self.position["epoch"] + 1, "batch": 0}
-      self._it = self._epoch_iterator(skip=0)
+      self._skip = 0
+      self._it = self._epoch_iterator(0)
       return next(self)
     self.position = {**self.position, "batch": self.position["batch"] + 1}
-    return batch
+    return {k: v.numpy() for k, v in batch.items()}
+
+  def save_state(self, directory: str) -> None:
+    """Writes the iterator's state at this position to `directory` (replacing it): a tf.data
+    iterator checkpoint plus position.json. Atomic: written beside it, then renamed."""
+    tmp = f"{directory}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    tf.train.Checkpoint(iterator=self._it).write(os.path.join(tmp, "iterator"))
+    with open(os.path.join(tmp, _POSITION_FILE), "w") as f:
+      json.dump({**self.position, "skip": self._skip, **self._identity()}, f)
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+  def _identity(self) -> dict:
+    return {"task": self.task, "split": self.split, "seed": self.seed,
+            "batch_size": self.batch_size, "feature_lengths": dict(self.feature_lengths),
+            "hosts": jax.process_count(), "process": jax.process_index()}
+
+  def _restore(self, directory: str) -> bool:
+    """Restores the iterator `save_state` wrote to `directory`; False (announced) if that is
+    impossible, leaving the caller to replay."""
+    try:
+      with open(os.path.join(directory, _POSITION_FILE)) as f:
+        saved = json.load(f)
+      wanted = {**self.position, **self._identity()}
+      differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
+      if differ:
+        raise ValueError(f"it was saved at another position or setup ({', '.join(differ)} "
+                         f"differ)")
+      self._skip = int(saved["skip"])
+      self._it = self._epoch_iterator(self._skip)
+      tf.train.Checkpoint(iterator=self._it).read(
+          os.path.join(directory, "iterator")).assert_consumed()
+      return True
+    except Exception as e:  # pylint: disable=broad-except
+      self._it = None
+      reason = (str(e).strip().splitlines() or [""])[0][:200]
+      print(f"warning: no usable data-iterator state in {directory} ({type(e).__name__}: "
+            f"{reason}); replaying {self.position['batch']} batches of epoch "
+            f"{self.position['epoch']} to reach the data position (same batches, slower)",
+            file=sys.stderr, flush=True)
+      return False
+
+
+_POSITION_FILE = "position.json"
+ITERATOR_DIR = "data_iterator"
+
+
+def iterator_state_dir(model_dir: str, step: int, process: int | None = None) -> str:
+  """Where host `process` (default: this one) keeps its iterator state for checkpoint `step`:
+  MODEL_DIR/data_iterator/STEP/process_I, beside (not inside) orbax's checkpoints/STEP."""
+  process = jax.process_index() if process is None else process
+  return os.path.join(model_dir, ITERATOR_DIR, str(step), f"process_{process}")
+
+
+def prune_iterator_states(model_dir: str, keep) -> None:
+  """Deletes the iterator states of every step not in `keep` (the checkpoints orbax kept, the
+  one being written): they follow orbax's deletions. Process 0 only (the model_dir is shared)."""
+  root = os.path.join(model_dir, ITERATOR_DIR)
+  if jax.process_index() != 0 or not os.path.isdir(root):
+    return
+  keep = {str(s) for s in keep}
+  for name in os.listdir(root):
+    if name not in keep:
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def eval_batches(task: str, feature_lengths: dict, converter, batch_size: int,

@@ -427,9 +427,12 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
       targets_len = pipeline.decoder_length(length)  # an encoder-decoder reads both
       tokens_per_row = length + (targets_len or 0)
       start = position if position.get("stage", 0) == stage_index else None
-      data = pipeline.TrainBatches(task, lengths, feature_converter, batch_size, seed,
-                                   position=start and {"epoch": start["epoch"],
-                                                       "batch": start["batch"]})
+      # The stage a checkpoint resumes: its hosts' iterator states replace the replay.
+      resuming = bool(restored) and start is not None and step == int(restored[0].step)
+      data = pipeline.TrainBatches(
+          task, lengths, feature_converter, batch_size, seed,
+          position=start and {"epoch": start["epoch"], "batch": start["batch"]},
+          state_dir=pipeline.iterator_state_dir(model_dir, step) if resuming else None)
       held_out = (pipeline.eval_batches(task, lengths, feature_converter, batch_size,
                                         eval_batches, eval_split) if eval_every else [])
       if held_out and step == 0:  # the starting point of the held-out curve
@@ -469,9 +472,13 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
                 f"parameters are not finite at step {step}; stopping without saving this "
                 f"state (last checkpoint: step {ckpt.latest_step()}). Lower the learning "
                 "rate or check the data")
+          # Each host's iterator state first (synchronously, atomically), then the checkpoint
+          # that refers to it; states of steps orbax no longer keeps are deleted.
+          data.save_state(pipeline.iterator_state_dir(model_dir, step))
           ckpt.save(step, _to_save(state, delta),
                     {**_all_hosts_positions({"stage": stage_index, **data.position}),
                      "run": identity})
+          pipeline.prune_iterator_states(model_dir, {*ckpt.manager.all_steps(), step})
         if stop:
           stopped_at = step
           break
@@ -484,6 +491,7 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
     bar.close()
     data = None  # a live tf.data iterator can deadlock interpreter shutdown: release it now
     ckpt.wait()
+    pipeline.prune_iterator_states(model_dir, ckpt.manager.all_steps())
     ckpt.close()
     preemption.uninstall()  # only now: a first notice during the last write lets it finish
   if jax.process_index() == 0:
