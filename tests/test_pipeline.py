@@ -3,6 +3,7 @@ ahead of time, dynamic masks, resume."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -279,3 +280,45 @@ def test_iterator_states_are_pruned_with_their_checkpoints(tmp_path):
   pipeline.prune_iterator_states(str(tmp_path), {20, 30})
   assert sorted(os.listdir(tmp_path / pipeline.ITERATOR_DIR)) == ["20", "30"]
   assert os.listdir(tmp_path / pipeline.ITERATOR_DIR / "30") == ["process_0"]
+
+
+
+_TOY_GIN = """
+import toy_models
+train.model = @toy_lm
+train.loss_fn = @toy_lm_loss
+train.task = 'bbc_lm'
+train.feature_converter = @CausalLmFeatureConverter()
+CausalLmFeatureConverter.pack = True
+warmup_linear_decay.warmup_steps = 2
+train.batch_size = 8
+train.sequence_length = 16
+train.log_every = 3
+train.eval_every = 0
+train.checkpoint_every = 3
+train.keep_checkpoints = 2
+"""
+
+
+def test_the_trainer_keeps_an_iterator_state_per_checkpoint_and_resumes_from_it(
+    tmp_path, capsys):
+  """In process, a toy LM: the states follow the checkpoints orbax keeps; a resume restores
+  the state (nothing announced); without it the resume says so in one line and replays."""
+  import helpers  # pylint: disable=import-outside-toplevel  (tests/, as toy_models)
+  gin_file = tmp_path / "toy.gin"
+  gin_file.write_text(_TOY_GIN)
+  run = tmp_path / "run"
+  kept = lambda: (sorted(os.listdir(run / pipeline.ITERATOR_DIR), key=int),
+                  sorted((d for d in os.listdir(run / "checkpoints") if d.isdigit()), key=int))
+  helpers.train(run, [str(gin_file)], ["train.num_steps = 6"])
+  assert kept() == (["3", "6"], ["3", "6"])
+  capsys.readouterr()
+  helpers.train(run, [str(gin_file)], ["train.num_steps = 9"])
+  assert "no usable data-iterator state" not in capsys.readouterr().err
+  assert kept() == (["6", "9"], ["6", "9"])
+  shutil.rmtree(run / pipeline.ITERATOR_DIR / "9")
+  helpers.train(run, [str(gin_file)], ["train.num_steps = 12"])
+  err = capsys.readouterr().err
+  assert err.count("no usable data-iterator state") == 1, err
+  assert "replaying 9 batches of epoch 0" in err
+  assert kept() == (["12"], ["9", "12"])  # 9 has no state now: the replay did not make one
