@@ -39,7 +39,7 @@ train.eval_batches = 2
 train.checkpoint_every = 1
 """
 KILLS = 20
-KILL_STEPS = 70  # 20 kills advance the run by ~20-40 steps: each interrupts a live run
+KILL_STEPS = 50  # each kill lets the run advance 2 or 3 steps at most (below)
 KILL_SEED = 12  # the kills' moments: a failure reproduces with the same seed
 _TIMING = {"tokens_per_sec", "mfu"}
 _WARM = "PRETRAIN_JAX_TEST_FORKSERVER_WARM"
@@ -65,8 +65,10 @@ if os.environ.get(_WARM) == "1":
   _warm_up()
 
 
-def _child(argv, log) -> None:
-  """A forked `python -m pretrain_jax ARGV`, its stdout and stderr (line-buffered) to `log`."""
+def _child(argv, log, env=None) -> None:
+  """A forked `python -m pretrain_jax ARGV` with `env` added to its environment, its stdout
+  and stderr (line-buffered) to `log`."""
+  os.environ.update(env or {})
   fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
   os.dup2(fd, 1)
   os.dup2(fd, 2)
@@ -117,7 +119,14 @@ def _steps(entries) -> set[int]:
           if e.isdigit() or (".orbax-checkpoint-tmp" in e and e.split(".")[0].isdigit())}
 
 
-def _intact(entries) -> list[int]:
+def _incomplete(checkpoints, entries) -> set[str]:
+  """Step directories without their metadata file: orbax was deleting them."""
+  return {e for e in entries
+          if e.isdigit() and not (checkpoints / e / "_CHECKPOINT_METADATA").exists()}
+
+
+def _finished(entries) -> list[int]:
+  """The steps of finished checkpoint directories (a half-deleted old one included)."""
   return sorted(int(e) for e in entries if e.isdigit())
 
 
@@ -131,47 +140,88 @@ def test_twenty_random_kills_during_checkpoint_writes_resume_to_the_same_metrics
   gin_file = tmp_path / "kill.gin"
   gin_file.write_text(KILL_GIN)
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  ref = forkserver.Process(target=_child, args=(
-      _argv(gin_file, straight, f"train.checkpoint_every={KILL_STEPS}"), tmp_path / "ref.log"))
-  ref.start()
-  ref.join(300)
-  assert ref.exitcode == 0, (tmp_path / "ref.log").read_text()[-3000:]
+  children = []
+  try:
+    ref = forkserver.Process(target=_child, args=(
+        _argv(gin_file, straight, f"train.checkpoint_every={KILL_STEPS}"),
+        tmp_path / "ref.log"))
+    children.append(ref)
+    ref.start()
+    ref.join(300)
+    assert ref.exitcode == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    in_write, in_cleanup, damaged, resumed_from = _kill_and_resume(forkserver, gin_file,
+                                                                   killed, children)
+  finally:  # a child left blocked would keep the fork server from stopping
+    for proc in children:
+      if proc.is_alive():
+        proc.kill()
+  print(f"\nof {KILLS} kills, {in_write} left a checkpoint half written (its tmp dir), "
+        f"{in_cleanup} an old one half deleted; {damaged} checkpoints were set aside as "
+        f"damaged; the runs resumed from steps {resumed_from}")
+  assert resumed_from[0] == 0 and resumed_from[1] == 0  # the first kill: no checkpoint yet
+  assert in_write >= KILLS // 3 and in_write + in_cleanup >= KILLS * 3 // 5, (
+      in_write, in_cleanup, resumed_from)
+  assert resumed_from[-1] < KILL_STEPS - 5  # the last run trained on from where kills left it
+  a, b = _records(straight), _records(killed)
+  assert len(a) == KILL_STEPS + KILL_STEPS // 10 + 1  # train: every step; eval: 0 and every 10
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x == y, f"{x} != {y}"
+  assert (killed / "metrics.jsonl").read_text().endswith("}\n")
 
+
+def _kill_and_resume(forkserver, gin_file, killed, children):
+  """KILLS runs into `killed`, each SIGKILLed at a random moment during one of its checkpoint
+  writes, then one run to the end. Every run must resume from the newest checkpoint that the
+  kill left intact. Returns (how many kills left a new checkpoint half written, how many an
+  old one half deleted, how many checkpoints were set aside as damaged, the step each run
+  resumed from)."""
   rng = random.Random(KILL_SEED)
   checkpoints = killed / "checkpoints"
-  inside_write, damaged, resumed_from = 0, 0, []
+  in_write, in_cleanup, damaged, resumed_from = 0, 0, 0, []
   for attempt in range(KILLS + 1):
     before = _entries(checkpoints)
-    log = tmp_path / f"attempt{attempt}.log"
-    proc = forkserver.Process(target=_child, args=(_argv(gin_file, killed), log))
+    half_deleted = _incomplete(checkpoints, before)
+    log = killed.parent / f"attempt{attempt}.log"
+    # A run to be killed blocks in the forward pass after step P = its start + 2, so it
+    # cannot outrun the kills on a fast machine; its two checkpoint writes go on meanwhile.
+    # (An evaluation at step P would block too, before P's checkpoint: then P + 1.)
+    last = (_finished(before) or [0])[-1] + 2
+    pause = {} if attempt == KILLS else {
+        "TOY_PAUSE_AFTER": str(last + (last % 10 == 0)),
+        "TOY_PAUSE_MARKER": str(killed.parent / "paused")}
+    proc = forkserver.Process(target=_child, args=(_argv(gin_file, killed), log, pause))
+    children.append(proc)
     proc.start()
     if attempt == KILLS:  # the last one runs to the end
       proc.join(300)
       text = log.read_text()
       assert proc.exitcode == 0, text[-3000:]
     else:
-      # Wait for this run's first or second checkpoint write to start (entries the killed
-      # one did not leave: orbax removes the old tmp dirs on start), then kill it up to
-      # 0.1 s later, as likely in the write as in the step it overlaps. The first kill lands
-      # in the run's very first write: the next run starts afresh.
-      writes = 1 if attempt == 0 else rng.randint(1, 2)
+      # Wait for this run's first checkpoint write to start (an entry the killed one did not
+      # leave: orbax removes the old tmp dirs on start), then kill it up to 0.12 s later,
+      # within that write or the next. The first kill lands in the run's very first write:
+      # the next run starts afresh.
       deadline = time.time() + 120
-      while len(_steps(_entries(checkpoints) - before)) < writes:
+      while not _steps(_entries(checkpoints) - before):
         assert proc.is_alive(), log.read_text()[-3000:]
         assert time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.002)
-      time.sleep(0 if attempt == 0 else rng.uniform(0, 0.1))
+      time.sleep(0 if attempt == 0 else rng.uniform(0, 0.12))
       os.kill(proc.pid, signal.SIGKILL)
       proc.join(60)
       assert proc.exitcode == -signal.SIGKILL, "the run ended before it was killed"
       text = log.read_text()
-    left = _entries(checkpoints)
-    inside_write += any("orbax-checkpoint-tmp" in e for e in left) and attempt < KILLS
+      left = _entries(checkpoints)
+      if any("orbax-checkpoint-tmp" in e for e in left):
+        in_write += 1  # a new checkpoint half written
+      elif _incomplete(checkpoints, left) - half_deleted:
+        in_cleanup += 1  # an old one (past keep_checkpoints) half deleted
     # This run resumed from the newest intact checkpoint the previous one left: none set aside
     # means it was the newest step directory; any set aside were damaged by the kill.
     warned = [int(s) for s in _damaged_warnings(text)]
     damaged += len(warned)
-    newest = [s for s in _intact(before) if s not in warned]
+    newest = [s for s in _finished(before) if s not in warned]
     if newest:
       assert f"Resuming from step {newest[-1]} in {killed}" in text, text[-3000:]
       resumed_from.append(newest[-1])
@@ -179,16 +229,7 @@ def test_twenty_random_kills_during_checkpoint_writes_resume_to_the_same_metrics
       assert "Resuming from step" not in text, text[-3000:]
       resumed_from.append(0)
     assert "Traceback" not in text, text[-3000:]
-  print(f"\n{inside_write} of {KILLS} kills left an unfinished checkpoint write (tmp dir), "
-        f"{damaged} damaged checkpoints set aside; resumed from steps {resumed_from}")
-  assert resumed_from[0] == 0 and resumed_from[1] == 0  # the first kill: no checkpoint yet
-  assert inside_write >= KILLS // 2, (inside_write, resumed_from)
-  a, b = _records(straight), _records(killed)
-  assert len(a) == KILL_STEPS + KILL_STEPS // 10 + 1  # train: every step; eval: 0 and every 10
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x == y, f"{x} != {y}"
-  assert (killed / "metrics.jsonl").read_text().endswith("}\n")
+  return in_write, in_cleanup, damaged, resumed_from
 
 
 def _damaged_warnings(text: str) -> list[str]:
