@@ -48,19 +48,19 @@ class Chip:
   `ici_bandwidth` is what one chip's collectives can move per second: the pod's all-reduce
   bandwidth over its chips where published (v3, v4, v5e, v6e), which equals half the chip's
   bidirectional ICI bandwidth (the rule used for v5p), and the links' one-way sum for v2.
-  A JAX device is a TensorCore on v2/v3 (two per chip) and a chip elsewhere (megacore).
+  A JAX device is a TensorCore on v2/v3 (two per chip) and a chip elsewhere (v4 and v5p
+  run their two cores as one megacore device): each takes its share of the chip's figures.
   """
   name: str
   peak_flops: float  # dense bf16 FLOP/s
   hbm_bytes: float
   hbm_bandwidth: float  # bytes/s
   ici_bandwidth: float  # bytes/s
-  devices_per_chip: int = 1
 
 
 CHIPS = {  # by jax device_kind
-    "TPU v2": Chip("v2", 45e12, 16 * GIB, 700e9, 4 * 496e9 / 8, 2),
-    "TPU v3": Chip("v3", 123e12, 32 * GIB, 900e9, 340e12 / 1024, 2),
+    "TPU v2": Chip("v2", 45e12, 16 * GIB, 700e9, 4 * 496e9 / 8),
+    "TPU v3": Chip("v3", 123e12, 32 * GIB, 900e9, 340e12 / 1024),
     "TPU v4": Chip("v4", 275e12, 32 * GIB, 1200e9, 1.1e15 / 4096),
     "TPU v5 lite": Chip("v5e", 197e12, 16e9, 819e9, 51.2e12 / 256),
     "TPU v5": Chip("v5p", 459e12, 95 * GIB, 2765e9, 1200e9 / 2),
@@ -75,7 +75,8 @@ def topology_devices(name: str) -> list:
                     "pip install -e '.[tpu]'")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no TPU to lock
   try:
-    return list(topologies.get_topology_desc(name, "tpu").devices)
+    megacore = {"chip_config_name": "megacore"} if name.startswith("v4") else {}
+    return list(topologies.get_topology_desc(name, "tpu", **megacore).devices)
   except Exception as e:  # libtpu's own message, first line: which part of the name is wrong
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f"TPU topology {name!r} was not accepted ({first}); names look like "
@@ -275,7 +276,7 @@ def _costs(run: _Run, mesh, length: int, cfg, num_devices: int) -> dict[str, flo
   return out
 
 
-def _oversized(error: Exception, setup_bytes: int, chip: Chip, what: str) -> UserError:
+def _oversized(error: Exception, setup_bytes: int, per_device: float, what: str) -> UserError:
   """One line for a step that does not fit: libtpu's own numbers, and what dominates."""
   text = str(error)
   used = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", text)
@@ -283,7 +284,6 @@ def _oversized(error: Exception, setup_bytes: int, chip: Chip, what: str) -> Use
   program = re.search(r"program ([\d.]+[KMGT]?)", text)
   numbers = (f"needs {used[1]} of {used[2]} HBM per device" if used else
              (text.strip().splitlines() or ["RESOURCE_EXHAUSTED"])[0][:200])
-  per_device = chip.hbm_bytes / chip.devices_per_chip
   if setup_bytes > per_device:
     dominant = (f"parameters and optimizer state alone take {setup_bytes / GIB:.1f} GiB per "
                 f"device of {per_device / GIB:.1f}: shard them (--mesh=fsdp)")
@@ -315,8 +315,9 @@ def compile_run(topology: str) -> dict:
     raise UserError(f"train.batch_size={run.batch_size} does not split into "
                     f"{run.num_microbatches} microbatches over data x fsdp x expert = "
                     f"{batch_shards} devices of mesh {dict(mesh.shape)}")
-  num_chips = len(devices) // chip.devices_per_chip
-  per_device = lambda b: b / chip.devices_per_chip  # noqa: E731  chip figures per device
+  num_chips = len({tuple(d.coords) for d in devices})  # a chip's cores share coordinates
+  c = len(devices) // num_chips  # devices per chip
+  per_device = lambda b: b / c  # noqa: E731  a chip's figures, one device's share
   stages = []
   for steps, length in run.stages:
     what = f"the step at sequence length {length} on {topology} (mesh {dict(mesh.shape)})"
@@ -332,8 +333,8 @@ def compile_run(topology: str) -> dict:
       setup = setup or trainer.Setup(run.model, run.loss_fn, 1, run.num_microbatches,
                                      run.seed, mesh=mesh)
       state = setup.abstract_with_shardings()
-      raise _oversized(e, _sharded_bytes((state.params, state.opt_state)), chip,
-                       what) from None
+      raise _oversized(e, _sharded_bytes((state.params, state.opt_state)),
+                       per_device(chip.hbm_bytes), what) from None
     memory = report(compiled)
     state = setup.abstract_with_shardings()
     costs = _costs(run, mesh, length, setup.model_config, len(devices))
@@ -342,7 +343,6 @@ def compile_run(topology: str) -> dict:
     t_hbm = costs["hbm_bytes"] / per_device(chip.hbm_bandwidth)
     t_ici = collective / per_device(chip.ici_bandwidth)
     step_seconds = max(t_flops, t_hbm) + t_ici
-    c = chip.devices_per_chip
     stages.append({
         "sequence_length": length, "steps": steps, "fits": True,
         "bytes_per_chip": memory["peak_bytes"] * c,
