@@ -1,15 +1,18 @@
 """Runs survive: SIGKILL at random moments while checkpoints are being written, and a checkpoint
 restored onto another mesh shape evaluates to the same loss."""
 
+import dataclasses
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sys
 import time
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -288,3 +291,37 @@ def test_a_checkpoint_restored_onto_another_mesh_evaluates_to_the_same_loss(tmp_
       "data2_fsdp2_tensor2": ({"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}, (4, 4064)),
       "data_parallel": ({"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}, (8, 8128)),
       "fsdp": ({"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}, (1, 8128))}, kernel
+
+
+@dataclasses.dataclass
+class _Tiny:
+  w: jax.Array
+
+
+jax.tree_util.register_dataclass(_Tiny, data_fields=["w"], meta_fields=[])
+
+
+def test_a_step_damaged_again_after_its_rewrite_is_set_aside_again(tmp_path):
+  """A resumed run rewrites the step it set aside; damaged again (the host died writing it
+  again), it goes to STEP.damaged.1 and the one before resumes. This was an OSError: the
+  rename onto the first STEP.damaged."""
+  w = jnp.arange(4.0)
+  abstract = _Tiny(jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=w.sharding))
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=5)
+  try:
+    for step in (1, 2):
+      ckpt.save(step, _Tiny(w + step), {"batch": step})
+    ckpt.wait()
+    for rewrite in range(3):
+      shutil.rmtree(tmp_path / "2" / "state")
+      state, position = ckpt.restore(abstract)
+      assert position == {"batch": 1}
+      np.testing.assert_array_equal(state.w, w + 1)
+      ckpt.save(2, _Tiny(w + 10 + rewrite), {"batch": 2})
+      ckpt.wait()
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "2.damaged", "2.damaged.1", "2.damaged.2"]
+    state, position = ckpt.restore(abstract)
+    assert position == {"batch": 2}
+    np.testing.assert_array_equal(state.w, w + 12)
+  finally:
+    ckpt.close()

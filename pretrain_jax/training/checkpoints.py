@@ -79,8 +79,12 @@ class Checkpointer:
   def _set_aside(self, step: int, error: Exception) -> str:
     where = os.path.join(self.directory, str(step))
     if not self.read_only and jax.process_index() == 0:
-      os.rename(where, where + ".damaged")
-      where += ".damaged"
+      # A step set aside before, rewritten by the resumed run, can be damaged again.
+      target, n = where + ".damaged", 1
+      while os.path.exists(target):
+        target, n = f"{where}.damaged.{n}", n + 1
+      os.rename(where, target)
+      where = target
       self.manager.reload()
     reason = (str(error).strip().splitlines() or [""])[0][:200]
     print(f"warning: checkpoint {step} in {self.directory} is damaged "
