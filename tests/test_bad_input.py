@@ -551,6 +551,7 @@ def test_missing_tfds_dataset_is_one_line_not_a_download(capsys, tmp_path, monke
                      "set TFDS_DATA_DIR to a folder that holds it"), message
   assert not calls, calls
   assert not os.listdir(data_dir)
+  assert not os.listdir(tmp_path / "run")  # refused before config.gin or checkpoints/
 
 
 def test_every_tfds_task_reads_only_prepared_data():

@@ -373,6 +373,10 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, model=gin.REQUIRED,
     raise UserError(f"batch size {batch_size} does not split over data x fsdp = "
                     f"{batch_shards} devices; make it a multiple of {batch_shards}")
   _check_vocabulary(task, setup)
+  # the data opens (a TFDS dataset not prepared, a corpus that is not text) before anything is
+  # written into model_dir: the tf.data graph is built, not iterated
+  pipeline.batch_spec(task, pipeline.feature_lengths(stage_list[0][1]), feature_converter,
+                      batch_size)
   trainable, frozen = setup.freeze.partition(setup.model.params)
   if jax.tree.leaves(frozen):
     print(f"Training {train_state.num_elements(trainable):,} of "
