@@ -105,6 +105,7 @@ def forkserver():
   yield ctx
   from multiprocessing import forkserver as fs  # pylint: disable=import-outside-toplevel
   fs._forkserver._stop()  # pylint: disable=protected-access
+  ctx.set_forkserver_preload([])
 
 
 def _argv(gin_file, model_dir, *bindings):
