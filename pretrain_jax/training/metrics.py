@@ -19,10 +19,11 @@ PEAK_FLOPS = {
 
 
 def peak_flops(device: jax.Device) -> float | None:
+  """Peak FLOP/s of one JAX device: on TPU v2 and v3 a device is one of a chip's two cores."""
   kind = device.device_kind
   for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
     if kind.startswith(prefix):
-      return PEAK_FLOPS[prefix]
+      return PEAK_FLOPS[prefix] / (2 if kind in ("TPU v2", "TPU v3") else 1)
   return None
 
 
