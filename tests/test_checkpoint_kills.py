@@ -20,22 +20,15 @@ from flax import nnx
 from pretrain_jax.config import bound, configure
 from pretrain_jax.training import checkpoints, metrics as metrics_lib, train_state, trainer
 
+import toy_models  # noqa: E402  (tests/)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The toy LM of test_train_state.py (tests/toy_models.py), a checkpoint after every step: the
 # process spends most of its time inside a checkpoint write, so a kill at a random moment
 # usually lands in one.
-KILL_GIN = """
-import toy_models
-train.model = @toy_lm
-train.loss_fn = @toy_lm_loss
-train.task = 'bbc_lm'
-train.feature_converter = @CausalLmFeatureConverter()
-CausalLmFeatureConverter.pack = True
+KILL_GIN = toy_models.TRAIN_GIN + """
 warmup_linear_decay.learning_rate = 1e-2
-warmup_linear_decay.warmup_steps = 2
-train.batch_size = 8
-train.sequence_length = 16
 train.log_every = 1
 train.eval_every = 10
 train.eval_batches = 2

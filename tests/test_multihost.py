@@ -12,6 +12,8 @@ import numpy as np
 
 from pretrain_jax.training import metrics as metrics_lib
 
+import toy_models  # noqa: E402  (tests/)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--gin_file=experiments/bert_tiny_cpu.gin", "--no_progress",
          "--gin.train.batch_size=8", "--gin.train.sequence_length=32",
@@ -52,17 +54,8 @@ def test_two_processes_match_one(tmp_path):
 
 # Two processes reading their own shards of the source (the default host_batches.sharding),
 # one of them preempted mid-run: the toy LM of test_train_state.py (tests/toy_models.py).
-TOY_GIN = """
-import toy_models
-train.model = @toy_lm
-train.loss_fn = @toy_lm_loss
-train.task = 'bbc_lm'
-train.feature_converter = @CausalLmFeatureConverter()
-CausalLmFeatureConverter.pack = True
+TOY_GIN = toy_models.TRAIN_GIN + """
 warmup_linear_decay.learning_rate = 1e-2
-warmup_linear_decay.warmup_steps = 2
-train.batch_size = 8
-train.sequence_length = 16
 train.log_every = 1
 train.eval_every = 10
 train.eval_batches = 2

@@ -17,6 +17,8 @@ from pretrain_jax.data import pipeline, show, tasks, vocabularies
 from pretrain_jax.errors import UserError
 from pretrain_jax.objectives.masked_lm import MaskedLmFeatureConverter
 
+import toy_models  # noqa: E402  (tests/)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = vocabularies.bbc_wordpiece()
 
@@ -283,16 +285,7 @@ def test_iterator_states_are_pruned_with_their_checkpoints(tmp_path):
 
 
 
-_TOY_GIN = """
-import toy_models
-train.model = @toy_lm
-train.loss_fn = @toy_lm_loss
-train.task = 'bbc_lm'
-train.feature_converter = @CausalLmFeatureConverter()
-CausalLmFeatureConverter.pack = True
-warmup_linear_decay.warmup_steps = 2
-train.batch_size = 8
-train.sequence_length = 16
+_TOY_GIN = toy_models.TRAIN_GIN + """
 train.log_every = 3
 train.eval_every = 0
 train.checkpoint_every = 3

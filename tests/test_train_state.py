@@ -108,17 +108,8 @@ def test_a_mesh_over_any_device_list():
 
 # 2. Non-gradient model state -------------------------------------------------------------------
 
-TOY_GIN = """
-import toy_models
-train.model = @toy_lm
-train.loss_fn = @toy_lm_loss
-train.task = 'bbc_lm'
-train.feature_converter = @CausalLmFeatureConverter()
-CausalLmFeatureConverter.pack = True
+TOY_GIN = toy_models.TRAIN_GIN + """
 warmup_linear_decay.learning_rate = 1e-2
-warmup_linear_decay.warmup_steps = 2
-train.batch_size = 8
-train.sequence_length = 16
 train.log_every = 1
 train.eval_every = 10
 train.eval_batches = 2

@@ -21,6 +21,20 @@ from flax import nnx
 from pretrain_jax.layers.variables import AuxLoss, AuxMetric
 
 
+# A `train` of the toy LM on the bundled corpus, as gin text; tests add their own learning
+# rate, steps, eval and checkpoint cadence. `import toy_models` needs tests/ on sys.path.
+TRAIN_GIN = """
+import toy_models
+train.model = @toy_lm
+train.loss_fn = @toy_lm_loss
+train.task = 'bbc_lm'
+train.feature_converter = @CausalLmFeatureConverter()
+CausalLmFeatureConverter.pack = True
+warmup_linear_decay.warmup_steps = 2
+train.batch_size = 8
+train.sequence_length = 16
+"""
+
 class StepCounter(nnx.Variable):
   """Non-gradient model state: training forward passes seen so far."""
 
