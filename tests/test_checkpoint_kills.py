@@ -156,7 +156,9 @@ def test_twenty_random_kills_during_checkpoint_writes_resume_to_the_same_metrics
         f"{in_cleanup} an old one half deleted; {damaged} checkpoints were set aside as "
         f"damaged; the runs resumed from steps {resumed_from}")
   assert resumed_from[0] == 0 and resumed_from[1] == 0  # the first kill: no checkpoint yet
-  assert in_write >= KILLS // 3 and in_write + in_cleanup >= KILLS * 3 // 5, (
+  # most kills land inside a save: 12-18 of 20 here, 10-11 on a loaded 2-core machine (its
+  # steps slow down more than its writes)
+  assert in_write >= KILLS // 4 and in_write + in_cleanup >= KILLS * 2 // 5, (
       in_write, in_cleanup, resumed_from)
   assert resumed_from[-1] < KILL_STEPS - 5  # the last run trained on from where kills left it
   a, b = _records(straight), _records(killed)
