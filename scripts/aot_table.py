@@ -38,6 +38,11 @@ ROWS = {  # name: (gin files and bindings, mesh, topologies)
          "--gin_file=models/t5_1_1_large.gin", "--gin.T5Config.dtype='bfloat16'",
          "--gin.train.batch_size=128", "--gin.train.sequence_length=512",
          "--gin.train.num_steps=524288"], "fsdp", ("v5e:8x8",)),
+    "deepseek_v2_lite (MoE)": (
+        ["--gin_file=experiments/deepseek_tiny_cpu.gin", "--gin_file=models/deepseek_v2_lite.gin",
+         "--gin.DeepSeekConfig.dtype='bfloat16'", "--gin.train.batch_size=256",
+         "--gin.train.sequence_length=4096", "--gin.train.num_steps=100000"],
+        "fsdp_expert8", ("v5p:4x4x4",)),
 }
 
 
