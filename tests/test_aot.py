@@ -95,7 +95,7 @@ def test_a_config_that_does_not_fit_fails_at_compile_time_in_one_line(tmp_path):
   assert rc == 2 and out == ""
   line, = err.strip().splitlines()
   assert line.startswith("error: the step at sequence length 128 on v5e:2x2") and \
-      "does not fit" in line and "HBM" in line and "temporaries dominate" in line, line
+      "does not fit: it needs" in line and "HBM per device; temporaries dominate" in line, line
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -279,11 +279,14 @@ def _costs(run: _Run, mesh, length: int, cfg, num_devices: int) -> dict[str, flo
 def _oversized(error: Exception, setup_bytes: int, per_device: float, what: str) -> UserError:
   """One line for a step that does not fit: libtpu's own numbers, and what dominates."""
   text = str(error)
-  used = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", text)
-  args = re.search(r"arguments ([\d.]+[KMGT]?)", text)
-  program = re.search(r"program ([\d.]+[KMGT]?)", text)
+  size = r"([\d.]+[KMGT]?)"
+  used = re.search(rf"Used {size} of {size} hbm", text)
+  required = re.search(rf"required for (.+?) \({size}\) exceeds available HBM \({size}\)", text)
+  args = re.search(rf"arguments {size}", text)
+  program = re.search(rf"program {size}", text)
   numbers = (f"needs {used[1]} of {used[2]} HBM per device" if used else
-             (text.strip().splitlines() or ["RESOURCE_EXHAUSTED"])[0][:200])
+             f"needs {required[2]} for {required[1]} of {required[3]} HBM per device"
+             if required else (text.strip().splitlines() or ["RESOURCE_EXHAUSTED"])[0][:200])
   if setup_bytes > per_device:
     dominant = (f"parameters and optimizer state alone take {setup_bytes / GIB:.1f} GiB per "
                 f"device of {per_device / GIB:.1f}: shard them (--mesh=fsdp)")
