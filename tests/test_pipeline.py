@@ -315,3 +315,18 @@ def test_the_trainer_keeps_an_iterator_state_per_checkpoint_and_resumes_from_it(
   assert err.count("no usable data-iterator state") == 1, err
   assert "replaying 9 batches of epoch 0" in err
   assert kept() == (["12"], ["9", "12"])  # 9 has no state now: the replay did not make one
+
+
+def test_an_iterator_that_cannot_be_checkpointed_says_so_once_and_writes_no_state(
+    tmp_path, capsys):
+  """SpanBERT's span masking runs a Python function inside tf.data: its iterator cannot be
+  serialised. The run keeps going; a resume replays (announced), nothing half-written."""
+  task = "bbc_spanbert"
+  data = pipeline.TrainBatches(task, pipeline.feature_lengths(32), tasks.feature_converter(task),
+                               8, seed=0)
+  next(data)
+  for step in (1, 2):
+    data.save_state(str(tmp_path / str(step)))
+  assert os.listdir(tmp_path) == []
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  assert len(lines) == 1 and "'bbc_spanbert' cannot be checkpointed" in lines[0], lines

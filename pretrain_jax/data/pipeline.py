@@ -162,10 +162,20 @@ class TrainBatches:
   def save_state(self, directory: str) -> None:
     """Writes the iterator's state at this position to `directory` (replacing it): a tf.data
     iterator checkpoint plus position.json. Atomic: written beside it, then renamed."""
+    if getattr(self, "_unsaveable", False):
+      return
     tmp = f"{directory}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    tf.train.Checkpoint(iterator=self._it).write(os.path.join(tmp, "iterator"))
+    try:
+      tf.train.Checkpoint(iterator=self._it).write(os.path.join(tmp, "iterator"))
+    except tf.errors.FailedPreconditionError as e:  # e.g. a tf.py_function in the pipeline
+      shutil.rmtree(tmp, ignore_errors=True)
+      self._unsaveable = True
+      print(f"warning: the data iterator of task {self.task!r} cannot be checkpointed "
+            f"({str(e).splitlines()[0].split('}} ')[-1].split(' [Op:')[0]}); a resume "
+            "replays to the data position instead", file=sys.stderr)
+      return
     with open(os.path.join(tmp, _POSITION_FILE), "w") as f:
       json.dump({**self.position, "skip": self._skip, **self._identity()}, f)
     if os.path.exists(directory):
