@@ -19,6 +19,7 @@ overlapped with compute.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -212,30 +213,25 @@ class _Run:
                                       _train_arg("stages")))
 
 
-def _with_bindings(bindings: dict):
-  """Rebinds gin parameters for one compile, restoring the previous values after."""
-  class Scope:
-    def __enter__(self):
-      self.saved = {}
+@contextlib.contextmanager
+def _with_bindings(bindings: dict, cfg=None):
+  """Binds gin parameters for one compile, then binds back what `cfg` (the run's model config)
+  holds: gin cannot unbind, and a binding left behind would change every later compile."""
+  with gin.unlock_config():
+    for name, value in bindings.items():
+      gin.bind_parameter(name, value)
+  try:
+    yield
+  finally:
+    if cfg is not None:
       with gin.unlock_config():
-        for name, value in bindings.items():
-          try:
-            self.saved[name] = gin.query_parameter(name)
-          except ValueError:
-            self.saved[name] = None
-          gin.bind_parameter(name, value)
-
-    def __exit__(self, *exc):
-      with gin.unlock_config():
-        for name, value in self.saved.items():
-          if value is not None:
-            gin.bind_parameter(name, value)
-  return Scope()
+        for name in bindings:
+          gin.bind_parameter(name, getattr(cfg, name.split(".", 1)[1]))
 
 
 def _compile(run: _Run, mesh, length: int, batch_size: int, num_microbatches: int,
-             bindings: dict) -> tuple[trainer.Setup, object, float]:
-  with _with_bindings(bindings):
+             bindings: dict, cfg=None) -> tuple[trainer.Setup, object, float]:
+  with _with_bindings(bindings, cfg):
     setup = trainer.Setup(run.model, run.loss_fn, sum(n for n, _ in run.stages),
                           num_microbatches, run.seed, mesh=mesh)
     batch = pipeline.batch_spec(run.task, pipeline.feature_lengths(length),
@@ -264,7 +260,7 @@ def _costs(run: _Run, mesh, length: int, cfg, num_devices: int) -> dict[str, flo
   measured = []
   for point in points:
     _, compiled, _ = _compile(run, mesh, length, run.batch_size // run.num_microbatches, 1,
-                              {**bindings_for(point), f"{cls}.scan_unroll": True})
+                              {**bindings_for(point), f"{cls}.scan_unroll": True}, cfg)
     r = report(compiled)
     measured.append({"flops": r["flops"], "hbm_bytes": r["bytes_accessed"],
                      **collective_bytes(compiled.as_text(), num_devices)})
