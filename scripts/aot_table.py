@@ -1,7 +1,8 @@
 """The BERT paper's runs (and T5, DeepSeek-style MoE) compiled for 64-chip TPU topologies.
 
 Runs `pretrain-jax aot --json` once per (config, mesh, topology) row, each in its own process,
-and prints the docs/aot.md table; --output also writes every result as JSON. Needs libtpu
+and prints the docs/aot.md table; --output also writes every result as JSON, after each row,
+keeping the rows of that file this run does not redo (a killed run loses only its current row). Needs libtpu
 (`pip install -e '.[tpu]'`). Every row compiles each stage three times (the scanned step for
 memory; 1- and 2-layer unrolled steps for the costs): minutes per row on a laptop CPU.
 
@@ -54,7 +55,7 @@ def run_row(name: str, topology: str) -> dict:
   p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
   out = {"row": name, "mesh_file": mesh, "topology": topology, "command": " ".join(cmd[1:]),
-         "wall_seconds": time.perf_counter() - t0}
+         "machine": machine_line(), "wall_seconds": time.perf_counter() - t0}
   if p.returncode:
     errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
     out["error"] = errors[-1] if errors else p.stderr.strip().splitlines()[-1]
@@ -74,8 +75,9 @@ def table(results: list[dict]) -> str:
       lines.append(f"{head} | {r['error'].removeprefix('error: ')} ||||")
       continue
     mem = " / ".join(f"{s['bytes_per_chip'] / gib:.1f}" for s in r["stages"])
-    flops = " / ".join(f"{s['flops_per_step'] / 1e12:,.0f} ({s['flops_per_step'] / s['formula_flops_per_step']:.2f})"
-                       for s in r["stages"])
+    flops = " / ".join(f"{s['flops_per_step'] / 1e12:,.0f}" + (
+        f" ({s['flops_per_step'] / s['formula_flops_per_step']:.2f})"
+        if s["formula_flops_per_step"] else "") for s in r["stages"])
     step = " / ".join(f"{s['step_seconds'] * 1e3:,.0f} ({s['bound']})" for s in r["stages"])
     lines.append(f"{head} ({r['chips']}) | {mem} of {r['hbm_per_chip'] / gib:.0f} "
                  f"({'yes' if r['fits'] else 'no'}) | {flops} | {step} | {r['recipe_days']:.2f} |")
@@ -90,15 +92,19 @@ def main():
   p.add_argument("--output", help="write the results as JSON here")
   args = p.parse_args()
   results = []
+  kept = []  # --output's earlier rows that this run does not redo
+  if args.output and os.path.exists(args.output):
+    with open(args.output) as f:
+      kept = json.load(f)["rows"]
   for name in args.rows.split(","):
     for topology in (args.topologies.split(",") if args.topologies else ROWS[name][2]):
       results.append(run_row(name, topology))
+      kept = [r for r in kept if (r["row"], r["topology"]) != (name, topology)]
       print(f"# {name} on {topology}: {results[-1].get('error') or 'ok'} "
             f"({results[-1]['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
       if args.output:
         with open(args.output, "w") as f:
-          json.dump({"machine": machine_line(), "argv": sys.argv[1:], "rows": results}, f,
-                    indent=1)
+          json.dump({"machine": machine_line(), "rows": kept + results}, f, indent=1)
   print(f"Compiled on {machine_line()}; per stage (length 128 / 512 where the run has two):\n")
   print(table(results))
 

@@ -108,3 +108,27 @@ def test_a_topology_or_mesh_that_cannot_be_had_is_one_line(argv, expected):
   assert rc == 2 and out == ""
   line, = err.strip().splitlines()
   assert expected in line, line
+
+
+
+def test_a_later_stage_compiles_the_run_s_own_model(monkeypatch):
+  """The cost compiles (unrolled, at 1 and 2 layers) must leave no gin binding behind: the
+  next stage's memory compile is the run's own model, 3 layers scanned by default. (The paper
+  config at toy width: its gin binds no scan_unroll, the case that leaked.)"""
+  configure(["experiments/bert_base_paper.gin"],
+            ["BertConfig.num_layers=3", "BertConfig.hidden=32", "BertConfig.num_heads=2",
+             "BertConfig.mlp_dim=64", "train.batch_size=16",
+             "train.stages=((900, 64), (100, 128))"])
+  seen, compile_ = [], aot._compile
+
+  def recording(run, mesh, length, batch_size, num_microbatches, bindings, *args):
+    setup, compiled, seconds = compile_(run, mesh, length, batch_size, num_microbatches,
+                                        bindings, *args)
+    if not bindings:  # a stage's memory compile
+      cfg = setup.model_config  # repr: True == 1, but True unrolls the whole stack
+      seen.append((length, cfg.num_layers, repr(cfg.scan_unroll)))
+    return setup, compiled, seconds
+
+  monkeypatch.setattr(aot, "_compile", recording)
+  aot.compile_run("v5e:2x2")
+  assert seen == [(64, 3, "1"), (128, 3, "1")]

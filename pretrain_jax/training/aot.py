@@ -257,10 +257,11 @@ def _costs(run: _Run, mesh, length: int, cfg, num_devices: int) -> dict[str, flo
   base = {k: (1 if k in present else 0) for k in kinds}
   points = [base] + [{**base, k: 2} for k in present]
   cls = type(cfg).__name__
-  measured = []
+  measured, seconds = [], 0.0
   for point in points:
-    _, compiled, _ = _compile(run, mesh, length, run.batch_size // run.num_microbatches, 1,
+    _, compiled, s = _compile(run, mesh, length, run.batch_size // run.num_microbatches, 1,
                               {**bindings_for(point), f"{cls}.scan_unroll": True}, cfg)
+    seconds += s
     r = report(compiled)
     measured.append({"flops": r["flops"], "hbm_bytes": r["bytes_accessed"],
                      **collective_bytes(compiled.as_text(), num_devices)})
@@ -269,6 +270,7 @@ def _costs(run: _Run, mesh, length: int, cfg, num_devices: int) -> dict[str, flo
     slopes = {k: m[key] - measured[0][key] for k, m in zip(present, measured[1:])}
     out[key] = run.num_microbatches * (
         measured[0][key] + sum(slopes[k] * (present[k] - 1) for k in present))
+  out["compile_seconds"] = seconds
   return out
 
 
@@ -357,7 +359,7 @@ def compile_run(topology: str) -> dict:
         "compute_seconds": t_flops, "hbm_seconds": t_hbm, "collective_seconds": t_ici,
         "step_seconds": step_seconds,
         "bound": max((t_flops, "compute"), (t_hbm, "HBM"), (t_ici, "ICI"))[1],
-        "compile_seconds": seconds})
+        "compile_seconds": seconds, "cost_compile_seconds": costs["compile_seconds"]})
   recipe = sum(s["steps"] * s["step_seconds"] for s in stages)
   total_steps = sum(s["steps"] for s in stages)
   return {
