@@ -49,10 +49,14 @@ def machine_line() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     name, family = fields.get("Model name", "?").strip(), fields.get("CPU family", "?").strip()
+    model = fields.get("Model", "?").strip()
+    avx512 = "avx512f" in fields.get("Flags", "").split()
   except (OSError, subprocess.CalledProcessError, ValueError):
-    name, family = platform.processor() or "?", "?"
-  zen = {"25": " (Zen 3)", "26": " (Zen 5)"}.get(family, "")
-  return f"lscpu Model name: {name}, CPU family {family}{zen}, {os.cpu_count()} CPUs"
+    name, family, model, avx512 = platform.processor() or "?", "?", "?", False
+  # AMD family 25 (19h) is Zen 3 and Zen 4; of the two only Zen 4 has AVX-512. 26 is Zen 5.
+  zen = {"25": " (Zen 4, AVX-512)" if avx512 else " (Zen 3, AVX2)",
+         "26": " (Zen 5, AVX-512)"}.get(family, "") if name.startswith("AMD") else ""
+  return f"lscpu Model name: {name}, CPU family {family} model {model}{zen}, {os.cpu_count()} CPUs"
 
 
 def source_hash(tree: str) -> str:
