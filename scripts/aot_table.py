@@ -41,7 +41,7 @@ ROWS = {  # name: (gin files and bindings, mesh, topologies)
          "--gin_file=runs/t5_pretrain.gin", "--gin.T5Config.dtype='bfloat16'"],
         "fsdp", ("v5e:8x8",)),
     "deepseek_v2_lite (MoE)": (["--gin_file=experiments/deepseek_v2_lite_pod.gin"],
-                               "fsdp_expert8", ("v5p:4x4x4",)),
+                               "fsdp_expert16", ("v5p:4x4x4",)),
 }
 
 
