@@ -11,6 +11,7 @@ import math
 from contextlib import redirect_stderr, redirect_stdout
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -132,3 +133,19 @@ def test_a_later_stage_compiles_the_run_s_own_model(monkeypatch):
   monkeypatch.setattr(aot, "_compile", recording)
   aot.compile_run("v5e:2x2")
   assert seen == [(64, 3, "1"), (128, 3, "1")]
+
+
+def test_kernels_are_chosen_for_the_topology_not_the_host():
+  """Traced here for a TPU mesh, MoE experts run `ragged_dot` (TPU's grouped matmul), not the
+  CPU's block layout, whose per-block weight copies made DeepSeek-V2-Lite's pod step need
+  22.5 TB of temporaries per v5p chip; off a mesh, this CPU host keeps its own choice."""
+  from pretrain_jax.layers import moe
+  tpu_mesh = jax.sharding.Mesh(np.array(aot.topology_devices("v5e:2x2")), ("data",))
+  args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((64, 16), (4, 16, 32), (4, 16, 32),
+                                                          (4, 32, 16))]
+  sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
+  trace = lambda: str(jax.make_jaxpr(moe.grouped_swiglu)(*args, sizes))  # noqa: E731
+  with jax.set_mesh(tpu_mesh):
+    on_tpu = trace()
+  on_host = trace()
+  assert "ragged_dot" in on_tpu and "ragged_dot" not in on_host

@@ -19,7 +19,7 @@ from flax import nnx, struct
 from pretrain_jax.errors import UserError
 from pretrain_jax.layers.linear import Dense
 from pretrain_jax.layers.rope import apply_rope
-from pretrain_jax.layers.sharding import active_spec, constrain
+from pretrain_jax.layers.sharding import active_spec, constrain, target_platform
 
 IMPLEMENTATIONS = (None, "xla", "cudnn", "splash")
 
@@ -156,8 +156,7 @@ def splash_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGV: jax.Array,
   from jax.experimental.pallas.ops.tpu.splash_attention import (
       splash_attention_kernel as splash, splash_attention_mask as masks)
   mesh = jax.sharding.get_abstract_mesh()
-  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-  interpret = platform != "tpu"
+  interpret = target_platform() != "tpu"
   q_segments_BL = (jnp.where(mask.kv_segments_BS != 0, 1, 0) if mask.q_segments_BL is None
                    else mask.q_segments_BL)  # BERT: every query is in the one real segment
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from pretrain_jax.errors import UserError
+from pretrain_jax.layers.sharding import target_platform
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite e4m3fn; casting past it gives NaN, so values are clipped
@@ -148,7 +149,7 @@ class Fp8DotGeneral:
   def _resolved(self) -> str:
     if self.implementation is not None:
       return self.implementation
-    return "dequantized" if jax.default_backend() == "cpu" else "chunked"
+    return "dequantized" if target_platform() == "cpu" else "chunked"
 
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                out_sharding=None):

@@ -38,7 +38,7 @@ from pretrain_jax.errors import UserError
 from pretrain_jax.layers.linear import Dense, normal
 from pretrain_jax.layers.mlp import GatedMlp
 from pretrain_jax.layers.precision import dot_general_for
-from pretrain_jax.layers.sharding import active_spec, constrain
+from pretrain_jax.layers.sharding import active_spec, constrain, target_platform
 from pretrain_jax.layers.variables import AuxLoss, AuxMetric
 
 ROUTERS = ("sigmoid", "softmax")
@@ -169,7 +169,7 @@ def grouped_swiglu(x_ND: jax.Array, wi_gate_EDF, wi_up_EDF, wo_EFD, group_sizes_
     raise UserError(f"grouped_swiglu.implementation={implementation!r}; valid: "
                     f"{GROUPED_MATMULS}")
   if implementation is None:
-    implementation = "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+    implementation = "blocks" if target_platform() == "cpu" else "ragged_dot"
   weights = (wi_gate_EDF, wi_up_EDF, wo_EFD)
   if implementation == "ragged_dot":
     ragged_dot = getattr(dot_general, "ragged_dot", jax.lax.ragged_dot)

@@ -57,3 +57,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if not _ACTIVE_RULES:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, _ACTIVE_RULES[-1]))
+
+
+def target_platform() -> str:
+  """The platform the traced step compiles for: that of the mesh's devices under a mesh (a
+  TPU topology's when `aot` compiles on a CPU host), else JAX's default backend. Kernels are
+  chosen by it, not by the host that traces."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
