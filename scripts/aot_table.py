@@ -13,6 +13,7 @@ memory; 1- and 2-layer unrolled steps for the costs): minutes per row on a lapto
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -70,7 +71,9 @@ def table(results: list[dict]) -> str:
   for r in results:
     head = f"| {r['row']} | {r['mesh_file']} | {r['topology']}"
     if "error" in r:
-      lines.append(f"{head} | {r['error'].removeprefix('error: ')} ||||")
+      error = r["error"].removeprefix("error: ")
+      short = re.search(r"does not fit: it (needs .+? per device)", error)
+      lines.append(f"{head} | " + (f"does not fit: {short[1]}" if short else error) + " ||||")
       continue
     mem = " / ".join(f"{s['bytes_per_chip'] / gib:.1f}" for s in r["stages"])
     flops = " / ".join(f"{s['flops_per_step'] / 1e12:,.0f}" + (

@@ -10,6 +10,7 @@ import json
 import math
 from contextlib import redirect_stderr, redirect_stdout
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,6 +117,7 @@ def test_a_later_stage_compiles_the_run_s_own_model(monkeypatch):
   """The cost compiles (unrolled, at 1 and 2 layers) must leave no gin binding behind: the
   next stage's memory compile is the run's own model, 3 layers scanned by default. (The paper
   config at toy width: its gin binds no scan_unroll, the case that leaked.)"""
+  gin.clear_config()  # earlier tests' bindings (a mesh of 8) must not reach this run
   configure(["experiments/bert_base_paper.gin"],
             ["BertConfig.num_layers=3", "BertConfig.hidden=32", "BertConfig.num_heads=2",
              "BertConfig.mlp_dim=64", "train.batch_size=16",
