@@ -1,10 +1,11 @@
 """The BERT paper's runs (and T5, DeepSeek-style MoE) compiled for 64-chip TPU topologies.
 
 Runs `pretrain-jax aot --json` once per (config, mesh, topology) row, each in its own process,
-and prints the docs/aot.md table; --output also writes every result as JSON, after each row,
-keeping the rows of that file this run does not redo (a killed run loses only its current row). Needs libtpu
-(`pip install -e '.[tpu]'`). Every row compiles each stage three times (the scanned step for
-memory; 1- and 2-layer unrolled steps for the costs): minutes per row on a laptop CPU.
+and prints the docs/aot.md table; --output also writes every result as JSON after each row,
+keeping the rows of that file this run does not redo (a killed run loses only its current
+row). Needs libtpu (`pip install -e '.[tpu]'`). Every row compiles each stage three times
+(the scanned step for memory; 1- and 2-layer unrolled steps for the costs): minutes per row
+on a laptop CPU.
 
   .venv/bin/python scripts/aot_table.py --output docs/aot_table.json
   .venv/bin/python scripts/aot_table.py --table docs/aot_table.json   # the table, no compiles

@@ -112,7 +112,6 @@ def test_a_topology_or_mesh_that_cannot_be_had_is_one_line(argv, expected):
   assert expected in line, line
 
 
-
 def test_a_later_stage_compiles_the_run_s_own_model(monkeypatch):
   """The cost compiles (unrolled, at 1 and 2 layers) must leave no gin binding behind: the
   next stage's memory compile is the run's own model, 3 layers scanned by default. (The paper
